@@ -1,0 +1,1 @@
+"""authz.server package."""
