@@ -1,4 +1,4 @@
-"""Denials: every way a check can end in "no", each with a status, a stable code and a public reason.
+"""Denials: every way a check ends in "no", each with a status, a stable code and a public reason.
 
 The phase that fails decides the status (the Authorino rule): a request that cannot even be read
 is a 400, an identity failure (no token, a bad token) is a 401, a rule failure on a valid identity
@@ -8,6 +8,7 @@ they never pick HTTP statuses themselves.
     Denial                      (abstract; never raised directly)
     ├── BadRequest          400 invalid_request, non_canonical_path
     ├── Unauthenticated     401 missing_token, malformed_token, bad_signature, token_expired, ...
+    │   ├── UnknownSigningKey 401 unknown_signing_key (names the issuer to refresh)
     │   └── ClaimsChallenge 401 auth_context_required, when the client can answer a claims challenge
     ├── Forbidden           403 no_matching_route, missing_role, missing_scope, ...
     ├── TooManyRequests     429 rate_limited
@@ -128,6 +129,15 @@ class BadRequest(Denial):
 
 class Unauthenticated(Denial):
     status = 401
+
+
+class UnknownSigningKey(Unauthenticated):
+    """No key with the token's kid in the issuer's snapshot. ``issuer`` names the configured
+    issuer whose keys the transport may refresh (single-flight, rate-limited) before re-checking."""
+
+    def __init__(self, issuer: str, reason: str | None = None) -> None:
+        super().__init__(Code.UNKNOWN_SIGNING_KEY, reason)
+        self.issuer = issuer
 
 
 class ClaimsChallenge(Unauthenticated):

@@ -166,6 +166,17 @@ class IssuerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenSettings:
+    """API-independent token rules (the ``tokens:`` section of the config)."""
+
+    algorithms: frozenset[str] = frozenset({"RS256"})
+    clock_skew_s: int = 60
+    max_token_bytes: int = 16384
+    cache_max_entries: int = 10000
+    cache_max_ttl_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class HeaderContract:
     """Names of the identity headers set on allow, and the policy around them."""
 
