@@ -49,8 +49,8 @@ class RequestAttrs:
     path: str
     host: str = ""
     scheme: str = ""
-    headers: Mapping[str, str] = EMPTY_MAP
-    context: Mapping[str, str] = EMPTY_MAP
+    headers: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
+    context: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     request_id: str = ""
     source_address: str = ""
 
@@ -245,7 +245,7 @@ class Decision:
     remove_headers: tuple[str, ...] = ()
     response_headers: tuple[tuple[str, str], ...] = ()
     body: bytes = b""
-    metadata: Mapping[str, str] = EMPTY_MAP
+    metadata: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     principal: Principal | None = None
     would_deny: bool = False
     # Internal: the issuer whose key cache missed the token's kid; the transport may refresh it

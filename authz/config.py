@@ -1,0 +1,603 @@
+"""The configuration file: YAML in, frozen and validated ``Settings`` out, or a ``ConfigError`` that
+names every bad key by its path (``apis[0].routes[2].require.roles_any: expected a list of
+strings``).
+
+The YAML is checked by pydantic models with ``extra="forbid"`` and strict types, then converted
+into the frozen value objects of ``authz.policy.model`` (tuples, frozensets). Nothing here is
+consulted per request: route templates are compiled and checked here once, so a config that loads
+cannot fail later. Listen addresses may be overridden by environment variables for containers.
+
+Must not import grpc, prometheus, asyncio or network libraries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from authz.policy.model import (
+    ANONYMOUS,
+    AUTHENTICATED,
+    ApiSpec,
+    Clause,
+    HeaderContract,
+    IssuerSpec,
+    Mode,
+    Requirement,
+    Route,
+    TokenKind,
+    TokenSettings,
+)
+
+ENV_OVERRIDES = {
+    "AUTHZ_GRPC_LISTEN": "grpc_listen",
+    "AUTHZ_HTTP_LISTEN": "http_listen",
+    "AUTHZ_ADMIN_LISTEN": "admin_listen",
+    "AUTHZ_WORKERS": "workers",
+}
+
+MULTI_TENANT = ("common", "organizations", "consumers")
+SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512")
+GUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+METHOD_RE = re.compile(r"^[A-Z]+$")
+LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+ACRS_RE = re.compile(r"^c[1-9][0-9]?$")
+RESERVED_HEADERS = frozenset(
+    {"authorization", "host", "content-length", "transfer-encoding", "connection", "te"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration that must not be served. ``problems`` are ``key.path: message`` lines."""
+
+    def __init__(self, problems: Sequence[str], source: str = "") -> None:
+        self.problems = tuple(problems)
+        self.source = source
+        head = f"invalid configuration{f' in {source}' if source else ''}"
+        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in self.problems))
+
+
+# ------------------------------------------------------------------------------ settings objects
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    grpc_listen: str = "127.0.0.1:9001"
+    http_listen: str = ""
+    admin_listen: str = "127.0.0.1:9090"
+    shutdown_grace_s: float = 10.0
+    workers: int = 1  # 0 = one per available CPU
+
+
+@dataclass(frozen=True, slots=True)
+class AuditSettings:
+    log_allows: bool = True
+    allow_sample_rate: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    tokens: TokenSettings
+    issuers: tuple[IssuerSpec, ...]
+    apis: tuple[ApiSpec, ...]
+    headers: HeaderContract
+    audit: AuditSettings
+    authorization_uri: str
+    warnings: tuple[str, ...] = ()
+
+    def issuer(self, name: str) -> IssuerSpec:
+        for spec in self.issuers:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+# -------------------------------------------------------------------------------- YAML schema
+
+StrictStr = Annotated[str, Field(strict=True)]
+StrList = list[StrictStr]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _listen(value: str) -> str:
+    if value == "":
+        return value
+    m = LISTEN_RE.match(value)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:9001), got {value!r}")
+    return value
+
+
+class _Server(_Model):
+    grpc_listen: StrictStr = "127.0.0.1:9001"
+    http_listen: StrictStr = ""
+    admin_listen: StrictStr = "127.0.0.1:9090"
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
+    workers: int = Field(default=1, ge=0, le=256)
+
+    _check_listen = field_validator("grpc_listen", "http_listen", "admin_listen")(_listen)
+
+
+class _Cache(_Model):
+    max_entries: int = Field(default=10000, ge=0, le=10_000_000)
+    max_ttl_seconds: float = Field(default=300.0, ge=0, le=3600)
+
+
+class _Tokens(_Model):
+    algorithms: StrList = Field(default_factory=lambda: ["RS256"], min_length=1)
+    clock_skew_seconds: int = Field(default=60, ge=0, le=300)
+    max_token_bytes: int = Field(default=16384, ge=1024, le=262144)
+    cache: _Cache = Field(default_factory=_Cache)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algs(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in SUPPORTED_ALGORITHMS]
+        if bad:
+            raise ValueError(f"unsupported algorithm(s) {bad}; supported: {SUPPORTED_ALGORITHMS}")
+        return v
+
+
+class _Issuer(_Model):
+    name: StrictStr
+    instance: StrictStr = "https://login.microsoftonline.com"
+    tenant: StrictStr
+    versions: StrList = Field(default_factory=lambda: ["2.0"], min_length=1)
+    allowed_tenants: StrList = Field(default_factory=list)
+    refresh_interval_seconds: float = Field(default=3600.0, ge=1, le=86400)
+    refresh_jitter_seconds: float = Field(default=300.0, ge=0, le=3600)
+    unknown_kid_min_interval_seconds: float = Field(default=300.0, ge=0, le=86400)
+    fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+    metadata_query: StrictStr = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"expected a lower-case name like 'contoso', got {v!r}")
+        return v
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, v: str) -> str:
+        v = v.rstrip("/")
+        m = re.match(r"^(https?)://([^/?#]+)(/[^?#]*)?$", v)
+        if not m:
+            raise ValueError(f"expected an https URL like https://login.microsoftonline.com: {v!r}")
+        host = m.group(2).rsplit(":", 1)[0].strip("[]")
+        if m.group(1) == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError("plain http is only allowed for a local dev-idp (127.0.0.1)")
+        return v
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str) -> str:
+        v = v.lower()
+        if v in MULTI_TENANT or GUID_RE.match(v) or DOMAIN_RE.match(v):
+            return v
+        raise ValueError(f"expected a tenant GUID, a domain, 'common' or 'organizations': {v!r}")
+
+    @field_validator("versions")
+    @classmethod
+    def _versions(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in ("1.0", "2.0")]
+        if bad:
+            raise ValueError(f"token versions must be '1.0' and/or '2.0', got {bad}")
+        return v
+
+    @field_validator("allowed_tenants")
+    @classmethod
+    def _allowed(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not GUID_RE.match(x.lower())]
+        if bad:
+            raise ValueError(f"allowed tenants must be tenant id GUIDs, got {bad}")
+        return [x.lower() for x in v]
+
+
+class _Headers(_Model):
+    user_id: StrictStr = "x-user-id"
+    tenant_id: StrictStr = "x-tenant-id"
+    client_id: StrictStr = "x-client-id"
+    roles: StrictStr = "x-roles"
+    scopes: StrictStr = "x-scopes"
+    token_kind: StrictStr = "x-token-kind"
+    also_strip: StrList = Field(default_factory=list)
+
+
+class _Audit(_Model):
+    log_allows: bool = True
+    allow_sample_rate: float = Field(default=1.0, ge=0, le=1)
+
+
+class _Clause(_Model):
+    token_kind: Literal["app", "user", "any"] = "any"
+    roles_any: StrList = Field(default_factory=list)
+    roles_all: StrList = Field(default_factory=list)
+    scopes_any: StrList = Field(default_factory=list)
+    scopes_all: StrList = Field(default_factory=list)
+    groups_any: StrList = Field(default_factory=list)
+    tenants: StrList = Field(default_factory=list)
+    clients: StrList = Field(default_factory=list)
+    auth_context: StrictStr = ""
+
+    @field_validator("auth_context")
+    @classmethod
+    def _acrs(cls, v: str) -> str:
+        if v and not ACRS_RE.match(v):
+            raise ValueError(f"expected an auth context id like 'c1', got {v!r}")
+        return v
+
+    @field_validator("tenants", "groups_any", "clients")
+    @classmethod
+    def _guids(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not GUID_RE.match(x.lower())]
+        if bad:
+            raise ValueError(f"expected object id GUIDs, got {bad}")
+        return [x.lower() for x in v]
+
+
+class _AnyOf(_Model):
+    any_of: list[_Clause] = Field(min_length=1)
+
+
+class _Route(_Model):
+    name: StrictStr
+    path: StrictStr | None = None
+    path_prefix: StrictStr | None = None
+    methods: StrList = Field(default_factory=list)
+    hosts: StrList = Field(default_factory=list)
+    mode: Literal["enforce", "dry-run"] | None = None
+    require: Any = None
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if not METHOD_RE.match(m)]
+        if bad:
+            raise ValueError(f"methods are upper-case tokens like GET, got {bad}")
+        return v
+
+
+class _Match(_Model):
+    hosts: StrList = Field(default_factory=list)
+    path_prefixes: StrList = Field(default_factory=list)
+
+
+class _Api(_Model):
+    name: StrictStr
+    audiences: StrList = Field(min_length=1)
+    issuers: StrList = Field(min_length=1)
+    match: _Match = Field(default_factory=_Match)
+    mode: Literal["enforce", "dry-run"] = "enforce"
+    require_scope_or_role: bool = True
+    forward_authorization: bool = False
+    claim_headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)
+    realm: StrictStr = ""
+    resource_metadata: StrictStr = ""
+    default: Any = "deny"
+    routes: list[_Route] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"expected a lower-case name like 'orders', got {v!r}")
+        return v
+
+    @field_validator("resource_metadata")
+    @classmethod
+    def _rm(cls, v: str) -> str:
+        if v and not v.startswith("https://"):
+            raise ValueError("resource_metadata must be an https URL (RFC 9728)")
+        return v
+
+
+class _Root(_Model):
+    server: _Server = Field(default_factory=_Server)
+    tokens: _Tokens = Field(default_factory=_Tokens)
+    issuers: list[_Issuer] = Field(min_length=1)
+    headers: _Headers = Field(default_factory=_Headers)
+    audit: _Audit = Field(default_factory=_Audit)
+    authorization_uri: StrictStr = "https://login.microsoftonline.com/common/oauth2/authorize"
+    apis: list[_Api] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------------- conversion
+
+
+def _loc(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+_TYPE_HINTS = {
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a mapping",
+    "int_type": "expected an integer",
+    "float_type": "expected a number",
+    "bool_type": "expected true or false",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+_LISTS_OF_MAPPINGS = frozenset({"issuers", "apis", "routes", "any_of"})
+
+
+def _problems(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[str]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc = [*prefix, *e["loc"]]
+        # pydantic reports list-of-str failures at the item; name the list, as operators write it
+        msg = _TYPE_HINTS.get(e["type"], e["msg"])
+        if e["type"] == "string_type" and loc and isinstance(loc[-1], int):
+            loc, msg = loc[:-1], "expected a list of strings"
+        if e["type"] == "list_type" and loc and loc[-1] not in _LISTS_OF_MAPPINGS:
+            msg = "expected a list of strings"
+        value = e.get("input")
+        shown = (
+            ""
+            if e["type"] in ("missing", "value_error") or isinstance(value, dict | list)
+            else f" (got {value!r})"
+        )
+        msg = msg.removeprefix("Value error, ")
+        out.append(f"{_loc(loc)}: {msg}{shown}")
+    return out
+
+
+def _clause(model: _Clause) -> Clause:
+    return Clause(
+        token_kind=TokenKind(model.token_kind),
+        roles_any=frozenset(model.roles_any),
+        roles_all=frozenset(model.roles_all),
+        scopes_any=frozenset(model.scopes_any),
+        scopes_all=frozenset(model.scopes_all),
+        groups_any=frozenset(model.groups_any),
+        tenants=frozenset(model.tenants),
+        clients=frozenset(model.clients),
+        auth_context=model.auth_context,
+    )
+
+
+def _requirement(raw: Any, where: list[int | str], problems: list[str]) -> Requirement:
+    if raw == "anonymous":
+        return ANONYMOUS
+    if raw == "authenticated":
+        return AUTHENTICATED
+    if isinstance(raw, dict):
+        try:
+            if "any_of" in raw:
+                alts = _AnyOf.model_validate(raw)
+                return Requirement(any_of=tuple(_clause(c) for c in alts.any_of))
+            return Requirement(any_of=(_clause(_Clause.model_validate(raw)),))
+        except ValidationError as e:
+            problems.extend(_problems(e, where))
+            return AUTHENTICATED
+    problems.append(
+        f"{_loc(where)}: expected 'anonymous', 'authenticated', a mapping of requirements "
+        f"or {{any_of: [...]}} (got {raw!r})"
+    )
+    return AUTHENTICATED
+
+
+def _issuer(m: _Issuer, i: int, problems: list[str]) -> IssuerSpec:
+    where = f"issuers[{i}]"
+    multi = m.tenant in MULTI_TENANT
+    if multi and not m.allowed_tenants:
+        problems.append(
+            f"{where}.allowed_tenants: required for a multi-tenant issuer ({m.tenant!r}); "
+            "list the tenant ids you accept (there is no 'any tenant')"
+        )
+    if not multi and m.allowed_tenants:
+        problems.append(
+            f"{where}.allowed_tenants: only for common/organizations; a single-tenant issuer "
+            f"accepts exactly its own tenant ({m.tenant!r})"
+        )
+    return IssuerSpec(
+        name=m.name,
+        instance=m.instance,
+        tenant=m.tenant,
+        versions=frozenset(m.versions),
+        allowed_tenants=frozenset(m.allowed_tenants),
+        refresh_interval_s=m.refresh_interval_seconds,
+        refresh_jitter_s=m.refresh_jitter_seconds,
+        unknown_kid_min_interval_s=m.unknown_kid_min_interval_seconds,
+        fetch_timeout_s=m.fetch_timeout_seconds,
+        metadata_query=m.metadata_query,
+    )
+
+
+def _header_name(value: str, where: str, problems: list[str]) -> str:
+    v = value.lower()
+    if not HEADER_RE.match(v) or v.startswith(":"):
+        problems.append(f"{where}: not a valid header name ({value!r})")
+    elif v in RESERVED_HEADERS:
+        problems.append(f"{where}: {v!r} cannot be used as an identity header")
+    return v
+
+
+def _contract(m: _Headers, problems: list[str]) -> HeaderContract:
+    names = {
+        k: _header_name(getattr(m, k), f"headers.{k}", problems)
+        for k in ("user_id", "tenant_id", "client_id", "roles", "scopes", "token_kind")
+    }
+    if len(set(names.values())) != len(names):
+        problems.append("headers: the contract header names must be distinct")
+    strip = tuple(
+        _header_name(h, f"headers.also_strip[{i}]", problems) for i, h in enumerate(m.also_strip)
+    )
+    return HeaderContract(**names, also_strip=strip)
+
+
+def _api(
+    m: _Api, i: int, issuer_names: set[str], contract: HeaderContract, problems: list[str]
+) -> ApiSpec:
+    where: list[int | str] = ["apis", i]
+    for j, name in enumerate(m.issuers):
+        if name not in issuer_names:
+            problems.append(f"apis[{i}].issuers[{j}]: no issuer named {name!r} is configured")
+    claim_headers = []
+    for header, claim in m.claim_headers.items():
+        h = _header_name(header, f"apis[{i}].claim_headers.{header}", problems)
+        if h in contract.standard:
+            problems.append(f"apis[{i}].claim_headers.{header}: collides with the contract header")
+        claim_headers.append((h, claim))
+    routes = []
+    seen: set[str] = set()
+    for j, r in enumerate(m.routes):
+        rwhere = f"apis[{i}].routes[{j}]"
+        if r.name in seen:
+            problems.append(f"{rwhere}.name: duplicate route name {r.name!r}")
+        seen.add(r.name)
+        if (r.path is None) == (r.path_prefix is None):
+            problems.append(f"{rwhere}: set exactly one of 'path' and 'path_prefix'")
+            continue
+        pattern = r.path if r.path is not None else r.path_prefix
+        assert pattern is not None
+        if not pattern.startswith("/"):
+            problems.append(f"{rwhere}.{'path' if r.path else 'path_prefix'}: must start with '/'")
+        kind: Literal["exact", "prefix", "template"]
+        kind = "prefix" if r.path_prefix is not None else "template" if "{" in pattern else "exact"
+        if r.require is None:
+            problems.append(f"{rwhere}.require: required key is missing")
+        req = _requirement(r.require, [*where, "routes", j, "require"], problems)
+        routes.append(
+            Route(
+                name=r.name,
+                path=pattern,
+                path_kind=kind,
+                require=req,
+                methods=frozenset(r.methods),
+                hosts=frozenset(h.lower() for h in r.hosts),
+                mode=Mode(r.mode) if r.mode else None,
+            )
+        )
+    default: Requirement | None = None
+    if m.default != "deny":
+        default = _requirement(m.default, [*where, "default"], problems)
+    return ApiSpec(
+        name=m.name,
+        audiences=frozenset(m.audiences),
+        issuers=tuple(m.issuers),
+        routes=tuple(routes),
+        match_hosts=frozenset(h.lower() for h in m.match.hosts),
+        match_path_prefixes=tuple(m.match.path_prefixes),
+        default=default,
+        mode=Mode(m.mode),
+        require_scope_or_role=m.require_scope_or_role,
+        forward_authorization=m.forward_authorization,
+        claim_headers=tuple(claim_headers),
+        realm=m.realm,
+        resource_metadata=m.resource_metadata,
+    )
+
+
+def _compile_check(apis: Sequence[ApiSpec], problems: list[str], warnings: list[str]) -> None:
+    """Compile every route table once, so a config that loads can always be served."""
+    from authz.policy import routes as routes_mod  # noqa: PLC0415  (keeps import cycles out)
+
+    for i, api in enumerate(apis):
+        try:
+            routes_mod.RouteTable.build(api)
+        except ValueError as e:
+            problems.append(f"apis[{i}].routes: {e}")
+            continue
+        warnings.extend(f"apis[{i}] ({api.name}): {w}" for w in routes_mod.unreachable_routes(api))
+
+
+def from_mapping(data: Any, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:
+    """Validate an already-parsed document. Raises ConfigError listing every problem found."""
+    if not isinstance(data, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"], source)
+    data = dict(data)
+    env = os.environ if env is None else env
+    server = dict(data.get("server") or {})
+    for var, key in ENV_OVERRIDES.items():
+        if var in env:
+            server[key] = int(env[var]) if key == "workers" and env[var].isdigit() else env[var]
+    if server:
+        data["server"] = server
+    try:
+        root = _Root.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_problems(e), source) from None
+    problems: list[str] = []
+    warnings: list[str] = []
+    issuers = tuple(_issuer(m, i, problems) for i, m in enumerate(root.issuers))
+    names = [s.name for s in issuers]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"issuers: duplicate issuer name {dup!r}")
+    contract = _contract(root.headers, problems)
+    apis = tuple(_api(m, i, set(names), contract, problems) for i, m in enumerate(root.apis))
+    api_names = [a.name for a in apis]
+    for dup in sorted({n for n in api_names if api_names.count(n) > 1}):
+        problems.append(f"apis: duplicate API name {dup!r}")
+    if not problems:
+        _compile_check(apis, problems, warnings)
+    if not root.server.grpc_listen and not root.server.http_listen:
+        problems.append("server: enable at least one of grpc_listen and http_listen")
+    if problems:
+        raise ConfigError(problems, source)
+    s = root.server
+    return Settings(
+        server=ServerSettings(
+            grpc_listen=s.grpc_listen,
+            http_listen=s.http_listen,
+            admin_listen=s.admin_listen,
+            shutdown_grace_s=s.shutdown_grace_seconds,
+            workers=s.workers,
+        ),
+        tokens=TokenSettings(
+            algorithms=frozenset(root.tokens.algorithms),
+            clock_skew_s=root.tokens.clock_skew_seconds,
+            max_token_bytes=root.tokens.max_token_bytes,
+            cache_max_entries=root.tokens.cache.max_entries,
+            cache_max_ttl_s=root.tokens.cache.max_ttl_seconds,
+        ),
+        issuers=issuers,
+        apis=apis,
+        headers=contract,
+        audit=AuditSettings(root.audit.log_allows, root.audit.allow_sample_rate),
+        authorization_uri=root.authorization_uri,
+        warnings=tuple(warnings),
+    )
+
+
+def parse(text: str, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ConfigError([f"{where}{problem}"], source) from None
+    return from_mapping(data, source=source, env=env)
+
+
+def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Settings:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"cannot read the file: {e}"], str(p)) from None
+    return parse(text, source=str(p), env=env)
