@@ -17,7 +17,7 @@ The output is deterministic; tests/unit/test_proto_compat.py regenerates into a 
 directory and requires it to equal the committed files. Never edit ``authz/_proto`` by hand.
 
 Imports only the standard library and grpc_tools (a dev/test dependency); never imported at
-runtime by the service.
+runtime by the service (grpc_tools is a dev/test dependency).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
+
+from grpc_tools import protoc  # type: ignore[import-untyped]  # dev/test dependency, no stubs
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_SRC = ROOT / "protos"
@@ -55,7 +57,9 @@ for _wkt in (any_pb2, struct_pb2, timestamp_pb2, wrappers_pb2):
 del _wkt
 '''
 
-_HEADER = "# Rewritten by authz._protogen: imports under authz._proto, private pool authz._proto.POOL\n"
+_HEADER = (
+    "# Rewritten by authz._protogen: imports under authz._proto, private pool authz._proto.POOL\n"
+)
 
 
 def _own(module: str) -> bool:
@@ -88,14 +92,16 @@ def _rewrite_pb2(text: str) -> str:
     # Module name given to the generated classes (their __module__).
     return re.sub(
         r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')([\w.]+)(')",
-        lambda m: m.group(1) + (f"{PACKAGE}.{m.group(2)}" if _own(m.group(2)) else m.group(2)) + m.group(3),
+        lambda m: (
+            m.group(1)
+            + (f"{PACKAGE}.{m.group(2)}" if _own(m.group(2)) else m.group(2))
+            + m.group(3)
+        ),
         text,
     )
 
 
 def _protoc(src: Path, out: Path, files: list[str]) -> None:
-    from grpc_tools import protoc  # dev dependency: imported only when generating
-
     include = str(resources.files("grpc_tools") / "_proto")
     args = [
         "grpc_tools.protoc",

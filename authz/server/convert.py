@@ -1,0 +1,136 @@
+"""Protobuf <-> our types: ``CheckRequest`` -> ``RequestAttrs``, ``Decision`` -> ``CheckResponse``.
+
+The ONLY module that touches generated ``*_pb2`` messages (``servicer`` touches ``*_pb2_grpc``
+alone). Both functions are pure and on the hot path: everything constant (google.rpc statuses,
+the ``append=false`` wrapper, the overwrite action) is built once at import time.
+
+Header semantics are security-critical (docs/protos.md, notes/envoy.md): every header we set is
+sent with ``append=false`` AND ``append_action=OVERWRITE_IF_EXISTS_OR_ADD``, because which of the
+two Envoy reads changed across versions and the proto default of ``append_action`` appends to a
+client-supplied value.
+
+Must not import anything from ``authz.engine``/``authz.identity`` or do I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import cast
+
+from authz._proto.envoy.config.core.v3 import base_pb2
+from authz._proto.envoy.service.auth.v3 import external_auth_pb2
+from authz._proto.envoy.type.v3 import http_status_pb2
+from authz._proto.google.rpc import status_pb2
+from authz.policy.model import EMPTY_MAP, Decision, RequestAttrs
+
+CheckRequest = external_auth_pb2.CheckRequest
+CheckResponse = external_auth_pb2.CheckResponse
+
+# google.rpc.Code values (https://github.com/googleapis/googleapis/blob/master/google/rpc/code.proto)
+RPC_OK = 0
+RPC_INVALID_ARGUMENT = 3
+RPC_PERMISSION_DENIED = 7
+RPC_RESOURCE_EXHAUSTED = 8
+RPC_UNAVAILABLE = 14
+RPC_UNAUTHENTICATED = 16
+
+# HTTP status of a denial -> google.rpc code of CheckResponse.status. Envoy only tests != 0; the
+# code is for humans reading gRPC logs.
+RPC_CODE_BY_HTTP_STATUS: Mapping[int, int] = {
+    400: RPC_INVALID_ARGUMENT,
+    401: RPC_UNAUTHENTICATED,
+    403: RPC_PERMISSION_DENIED,
+    429: RPC_RESOURCE_EXHAUSTED,
+    503: RPC_UNAVAILABLE,
+}
+
+_OK_STATUS = status_pb2.Status(code=RPC_OK)
+_DENY_STATUS = {http: status_pb2.Status(code=rpc) for http, rpc in RPC_CODE_BY_HTTP_STATUS.items()}
+_DEFAULT_DENY_STATUS = status_pb2.Status(code=RPC_PERMISSION_DENIED)
+_HeaderValue = base_pb2.HeaderValue
+_HeaderValueOption = base_pb2.HeaderValueOption
+_APPEND_FALSE = base_pb2.HeaderValueOption(append={"value": False}).append
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def request_to_attrs(req: CheckRequest) -> RequestAttrs:
+    """What Envoy told us about the request, as a frozen ``RequestAttrs``.
+
+    Header keys are lower-cased (Envoy already sends them so; we do not rely on it). With
+    ``encode_raw_headers`` Envoy sends ``header_map`` instead of ``headers``; repeated entries are
+    then comma-joined, matching what the ``headers`` map carries without that option.
+    """
+    attributes = req.attributes
+    http = attributes.request.http
+    if http.headers:
+        headers = {k.lower(): v for k, v in http.headers.items()}
+    else:
+        headers = _headers_from_map(http.header_map.headers)
+    context = attributes.context_extensions
+    return RequestAttrs(
+        method=http.method,
+        path=http.path,
+        host=http.host,
+        scheme=http.scheme,
+        headers=headers,
+        context=dict(context) if context else EMPTY_MAP,
+        request_id=http.id or headers.get("x-request-id", ""),
+        source_address=attributes.source.address.socket_address.address,
+    )
+
+
+def _headers_from_map(entries: Iterable[base_pb2.HeaderValue]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for entry in entries:
+        key = entry.key.lower()
+        # raw_value carries the bytes as received; latin-1 maps every byte to one code point.
+        value = entry.value or entry.raw_value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    return headers
+
+
+def request_id_of(req: CheckRequest) -> str:
+    """The request id for an error response; never raises (used when conversion itself failed)."""
+    try:
+        http = req.attributes.request.http
+        return str(http.id or http.headers.get("x-request-id", ""))
+    except Exception:  # the request is whatever broke conversion: give up on the id, not the answer
+        return ""
+
+
+def _header_options(pairs: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
+    return [
+        _HeaderValueOption(
+            header=_HeaderValue(key=key, value=value),
+            append=_APPEND_FALSE,
+            append_action=_OVERWRITE,
+        )
+        for key, value in pairs
+    ]
+
+
+def decision_to_response(d: Decision) -> CheckResponse:
+    """Render a decision. ``d.allowed`` (dry-run ``would_deny`` included) -> status 0 and
+    ``ok_response``; otherwise a non-zero status and ``denied_response`` with the HTTP status,
+    headers and body the client gets. ``d.metadata`` -> ``dynamic_metadata`` when non-empty."""
+    resp = CheckResponse()
+    if d.allowed:
+        resp.status.CopyFrom(_OK_STATUS)
+        ok = resp.ok_response
+        ok.SetInParent()  # the oneof must say "ok" even with nothing to add or remove
+        if d.upstream_headers:
+            ok.headers.extend(_header_options(d.upstream_headers))
+        if d.remove_headers:
+            ok.headers_to_remove.extend(d.remove_headers)
+    else:
+        resp.status.CopyFrom(_DENY_STATUS.get(d.status, _DEFAULT_DENY_STATUS))
+        denied = resp.denied_response
+        # The enum is open (proto3): any HTTP status number is valid on the wire.
+        denied.status.code = cast(http_status_pb2.StatusCode, d.status)
+        if d.response_headers:
+            denied.headers.extend(_header_options(d.response_headers))
+        if d.body:
+            denied.body = d.body.decode("utf-8", "replace")
+    if d.metadata:
+        resp.dynamic_metadata.update(d.metadata)
+    return resp
