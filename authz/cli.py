@@ -1,0 +1,143 @@
+"""The ``authz`` command: serve, check-config, explain, dev-idp, echo, demo.
+
+Exit codes: 0 success, 1 a check/tour failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from authz import __version__
+from authz import config as config_mod
+
+log = logging.getLogger("authz.cli")
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    """Run on uvloop when it is installed (it cuts per-check CPU), plain asyncio otherwise."""
+    try:
+        import uvloop  # noqa: PLC0415
+
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def _load_or_exit(path: str) -> config_mod.Settings | None:
+    try:
+        settings = config_mod.load(path)
+    except config_mod.ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return None
+    for w in settings.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return settings
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args.config)
+    if settings is None:
+        return 2
+    routes = sum(len(a.routes) for a in settings.apis)
+    print(
+        f"{args.config}: OK ({len(settings.issuers)} issuer(s), {len(settings.apis)} API(s), "
+        f"{routes} route(s), {len(settings.warnings)} warning(s))"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from authz.observability import configure_logging  # noqa: PLC0415
+
+    configure_logging(args.log_level, json_format=not args.plain_logs)
+    settings = _load_or_exit(args.config)
+    if settings is None:
+        return 2
+    from authz.server import workers  # noqa: PLC0415
+
+    return workers.serve(settings, args)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from authz import explain  # noqa: PLC0415
+
+    settings = _load_or_exit(args.config)
+    if settings is None:
+        return 2
+    return explain.main(settings, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from authz import demo  # noqa: PLC0415
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="authz", description="Envoy ext_authz service for Microsoft Entra ID access tokens."
+    )
+    p.add_argument("--version", action="version", version=f"entra-authz {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the authorization server")
+    s.add_argument("--config", required=True, help="YAML configuration file")
+    s.add_argument(
+        "--transport",
+        choices=("config", "grpc", "http", "both"),
+        default="config",
+        help="which ext_authz transports to serve (default: as configured)",
+    )
+    s.add_argument("--workers", type=int, default=None, help="processes (0 = one per CPU)")
+    s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "INFO"))
+    s.add_argument("--plain-logs", action="store_true", help="human-readable logs, not JSON")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a configuration file and exit")
+    c.add_argument("config")
+    c.set_defaults(func=cmd_check_config)
+
+    e = sub.add_parser("explain", help="show every check made for one request")
+    e.add_argument("--config", required=True)
+    e.add_argument("--method", default="GET")
+    e.add_argument("--path", required=True)
+    e.add_argument("--host", default="")
+    e.add_argument("--api", default="", help="as Envoy's context_extensions 'api'")
+    e.add_argument("--token", default="", help="the access token, or - to read it from stdin")
+    e.add_argument("--jwks", default="", help="a JWKS file to use instead of live discovery")
+    e.add_argument("--issuer-doc", default="", help="with --jwks: issuer string to trust")
+    e.set_defaults(func=cmd_explain)
+
+    d = sub.add_parser("demo", help="run the end-to-end demo (dev-idp, authz, Envoy, echo)")
+    d.add_argument("--once", action="store_true", help="run the tour and exit (0 = all passed)")
+    d.set_defaults(func=cmd_demo)
+
+    try:
+        from authz.devidp import cli as devidp_cli  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - the dev tools ship with the package
+        pass
+    else:
+        devidp_cli.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The decision engine: request -> API -> route -> bearer token -> verify -> authorize -> Decision.
+
+Synchronous and free of I/O: keys come from an in-memory snapshot (``KeySource``), everything
+configurable was compiled when the engine was built, and the answer is a ``Decision`` that either
+transport renders. One engine serves one configuration; a reload builds a new engine and swaps it.
+
+Phases and the status they decide (the phase that fails decides, evaluators never pick statuses):
+  1. path canonicalisation        400 non_canonical_path (always enforced, even in dry-run)
+  2. API selection, route match   403 unknown_api / no_matching_route
+  3. identity (bearer + token)    400 invalid_request, 401 ..., 503 keys_unavailable
+  4. route requirements           403 missing_role, ... (or a 401 claims challenge)
+Dry-run (per API or route) turns a denial from phases 2-4 into an allow that still carries the
+real code (``would_deny``); identity headers are then set only from a token that verified.
+
+Must not import grpc, prometheus, asyncio or network libraries (a test checks the imports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from authz.config import Settings
+from authz.identity.bearer import extract_bearer
+from authz.identity.entra import TokenVerifier
+from authz.policy.authorize import authorize
+from authz.policy.decisions import allow, deny
+from authz.policy.errors import Code, Denial, Forbidden, Unauthenticated, UnknownSigningKey
+from authz.policy.model import ApiSpec, Decision, Mode, Principal, RequestAttrs, Route
+from authz.policy.paths import canonicalize
+from authz.policy.routes import ApiSelector, RouteTable
+
+
+def new_decision_id() -> str:
+    """128 random bits, hex: unique per decision, and safe to show to callers."""
+    return os.urandom(16).hex()
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        *,
+        new_id: Callable[[], str] = new_decision_id,
+    ) -> None:
+        self.settings = settings
+        self._verifier = verifier
+        self._new_id = new_id
+        self._selector = ApiSelector(settings.apis)
+        self._tables = {api.name: RouteTable.build(api) for api in settings.apis}
+        self._contract = settings.headers
+        self._authorization_uri = settings.authorization_uri
+
+    def check(self, attrs: RequestAttrs) -> Decision:
+        """Decide one request. Raises only on bugs; the transport turns those into a 503."""
+        decision_id = self._new_id()
+        api: ApiSpec | None = None
+        route: Route | None = None
+        principal: Principal | None = None
+        mode = Mode.ENFORCE
+        try:
+            path = canonicalize(attrs.path)
+            api = self._selector.select(attrs.context, attrs.host, path)
+            if api is None:
+                raise Forbidden(Code.UNKNOWN_API)
+            mode = api.mode
+            route = self._tables[api.name].match(attrs.method, attrs.host, path)
+            if route is not None:
+                requirement = route.require
+                mode = route.mode or api.mode
+            elif api.default is not None:
+                requirement = api.default
+            else:
+                raise Forbidden(Code.NO_MATCHING_ROUTE)
+
+            if requirement.anonymous:
+                # A token on an anonymous route is optional: it feeds identity headers only if
+                # it verifies; anything wrong with it just means "anonymous".
+                principal = self._try_identity(attrs, api)
+                return self._allow(decision_id, attrs, api, route, principal, None)
+
+            token = extract_bearer(attrs.headers, _query(attrs.path))
+            if token is None:
+                raise Unauthenticated(Code.MISSING_TOKEN)
+            principal = self._verifier.verify(token, api)
+            authorize(requirement, principal)
+            return self._allow(decision_id, attrs, api, route, principal, None)
+        except Denial as denial:
+            if mode is Mode.DRY_RUN and api is not None:
+                return self._allow(decision_id, attrs, api, route, principal, denial)
+            decision = deny(
+                denial,
+                decision_id=decision_id,
+                request_id=attrs.request_id,
+                api=api,
+                route=route,
+                principal=principal,
+                authorization_uri=self._authorization_uri,
+            )
+            if isinstance(denial, UnknownSigningKey):
+                decision = dataclasses.replace(decision, refresh_issuer=denial.issuer)
+            return decision
+
+    def _try_identity(self, attrs: RequestAttrs, api: ApiSpec) -> Principal | None:
+        try:
+            token = extract_bearer(attrs.headers, _query(attrs.path))
+            return None if token is None else self._verifier.verify(token, api)
+        except Denial:
+            return None
+
+    def _allow(
+        self,
+        decision_id: str,
+        attrs: RequestAttrs,
+        api: ApiSpec,
+        route: Route | None,
+        principal: Principal | None,
+        would_deny: Denial | None,
+    ) -> Decision:
+        return allow(
+            decision_id=decision_id,
+            request_id=attrs.request_id,
+            api=api,
+            route=route,
+            principal=principal,
+            contract=self._contract,
+            would_deny=would_deny,
+        )
+
+
+def _query(path: str) -> str:
+    q = path.find("?")
+    return "" if q < 0 else path[q + 1 :].partition("#")[0]

@@ -1,0 +1,263 @@
+"""Metrics, the audit log and log redaction: everything an operator sees, in one place.
+
+- ``Metrics`` registers every series on an injected ``CollectorRegistry`` (tests use their own)
+  and caches labelled children so recording a check costs a couple of microseconds.
+- ``AuditLog`` writes one JSON line per decision (every deny; allows configurable and sampled)
+  straight to a stream: no logging machinery on the hot path.
+- ``JsonFormatter`` + ``RedactFilter`` make the service's own logs structured and strip anything
+  shaped like a JWT, as a last line of defence: code never logs tokens in the first place.
+
+Labels are bounded: configured API/route/issuer names and decision codes only, never paths,
+user ids or tenant ids taken from tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+import prometheus_client as prom
+
+from authz import __version__
+from authz.policy.model import Decision, RequestAttrs
+
+DURATION_BUCKETS = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+)
+
+JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
+REDACTED = "[redacted-token]"
+
+
+def outcome(d: Decision) -> str:
+    """The ``decision`` label: allow, deny, or dry_run_deny (allowed, but would have denied)."""
+    if not d.allowed:
+        return "deny"
+    return "dry_run_deny" if d.would_deny else "allow"
+
+
+class Metrics:
+    """All Prometheus series of the service."""
+
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.registry = registry
+        self.checks = prom.Counter(
+            "authz_checks",
+            "Authorization checks by API, route, decision and code.",
+            ["api", "route", "decision", "code"],
+            registry=registry,
+        )
+        self.check_duration = prom.Histogram(
+            "authz_check_duration_seconds",
+            "Time to decide one check, inside the service.",
+            ["api", "decision"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.jwks_refreshes = prom.Counter(
+            "authz_jwks_refreshes",
+            "Signing-key refreshes by issuer and result.",
+            ["issuer", "result"],
+            registry=registry,
+        )
+        self.jwks_keys = prom.Gauge(
+            "authz_jwks_keys",
+            "Signing keys currently loaded, by issuer.",
+            ["issuer"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.jwks_last_success = prom.Gauge(
+            "authz_jwks_last_success_timestamp_seconds",
+            "Unix time of the last successful key refresh, by issuer.",
+            ["issuer"],
+            registry=registry,
+            multiprocess_mode="min",
+        )
+        self.cache_hits = prom.Counter(
+            "authz_token_cache_hits", "Verified-token cache hits.", registry=registry
+        )
+        self.cache_misses = prom.Counter(
+            "authz_token_cache_misses", "Verified-token cache misses.", registry=registry
+        )
+        self.cache_entries = prom.Gauge(
+            "authz_token_cache_entries",
+            "Entries in the verified-token cache.",
+            registry=registry,
+            multiprocess_mode="sum",
+        )
+        self.reloads = prom.Counter(
+            "authz_config_reloads",
+            "Configuration reloads by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.config_last_success = prom.Gauge(
+            "authz_config_last_reload_success_timestamp_seconds",
+            "Unix time the running configuration was loaded.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.ready = prom.Gauge(
+            "authz_ready",
+            "1 when the service can decide requests (config valid, keys loaded).",
+            registry=registry,
+            multiprocess_mode="min",
+        )
+        self.internal_errors = prom.Counter(
+            "authz_internal_errors",
+            "Unexpected errors turned into explicit denies.",
+            ["transport"],
+            registry=registry,
+        )
+        self.build_info = prom.Gauge(
+            "authz_build_info",
+            "Build information (always 1).",
+            ["version", "python"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__, sys.version.split()[0]).set(1)
+        self._check_children: dict[tuple[str, str, str, str], Any] = {}
+        self._duration_children: dict[tuple[str, str], Any] = {}
+        self._cache_seen = (0, 0)
+
+    def record_check(self, d: Decision, seconds: float) -> None:
+        label = outcome(d)
+        key = (d.api, d.route, label, d.code)
+        child = self._check_children.get(key)
+        if child is None:
+            child = self._check_children[key] = self.checks.labels(*key)
+        child.inc()
+        dkey = (d.api, label)
+        hist = self._duration_children.get(dkey)
+        if hist is None:
+            hist = self._duration_children[dkey] = self.check_duration.labels(*dkey)
+        hist.observe(seconds)
+
+    def sync_cache(self, hits: int, misses: int, size: int) -> None:
+        """Fold the cache's own counters into Prometheus (called periodically, not per check)."""
+        seen_hits, seen_misses = self._cache_seen
+        if hits >= seen_hits and misses >= seen_misses:
+            self.cache_hits.inc(hits - seen_hits)
+            self.cache_misses.inc(misses - seen_misses)
+        self._cache_seen = (hits, misses)
+        self.cache_entries.set(size)
+
+    # KeyStore observer protocol
+    def on_refresh(self, issuer: str, result: str, keys: int) -> None:
+        self.jwks_refreshes.labels(issuer, result).inc()
+        if result in ("ok", "unchanged"):
+            self.jwks_keys.labels(issuer).set(keys)
+            self.jwks_last_success.labels(issuer).set(time.time())
+
+
+class AuditLog:
+    """One JSON line per decision. Never the token, a signature or the claim set."""
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        log_allows: bool = True,
+        allow_sample_rate: float = 1.0,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self.log_allows = log_allows
+        self.allow_sample_rate = allow_sample_rate
+        self._rand = rand
+        self._clock = clock
+        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+    def wants(self, d: Decision) -> bool:
+        if not d.allowed or d.would_deny:
+            return True
+        if not self.log_allows:
+            return False
+        return self.allow_sample_rate >= 1.0 or self._rand() < self.allow_sample_rate
+
+    def record(self, attrs: RequestAttrs, d: Decision, seconds: float) -> None:
+        if not self.wants(d):
+            return
+        p = d.principal
+        path = attrs.path.partition("?")[0][:512]  # never the query: it may carry secrets
+        line = {
+            "ts": round(self._clock(), 3),
+            "log": "audit",
+            "request_id": attrs.request_id,
+            "decision_id": d.decision_id,
+            "api": d.api,
+            "route": d.route,
+            "method": attrs.method[:16],
+            "path": path,
+            "decision": outcome(d),
+            "status": d.status,
+            "code": d.code,
+            "tid": p.tid if p else "",
+            "oid": p.oid if p else "",
+            "azp": p.client_id if p else "",
+            "uti": p.uti if p else "",
+            "latency_us": round(seconds * 1e6, 1),
+        }
+        try:
+            self._stream.write(self._dumps(line) + "\n")
+        except (OSError, ValueError):
+            # A closed or full stdout must not turn a decision into an error.
+            return
+
+
+class RedactFilter(logging.Filter):
+    """Replace anything shaped like a JWT in a log record's message and arguments."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "eyJ" in msg:
+            record.msg = JWT_RE.sub(REDACTED, msg)
+            record.args = None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key in ("issuer", "code", "path", "error", "reason", "result"):
+            value = getattr(record, key, None)
+            if value is not None:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = JWT_RE.sub(REDACTED, self.formatException(record.exc_info))
+        return json.dumps(out, separators=(",", ":"))
+
+
+def configure_logging(level: str = "INFO", *, json_format: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter())
+    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)

@@ -1,0 +1,234 @@
+"""The process: listeners, health, reflection, the admin HTTP endpoint, signals and lifecycle.
+
+One ``App`` runs one ``Service`` behind the gRPC transport (``grpc.aio``), optionally the HTTP
+ext_authz transport, and the admin listener (``/metrics``, ``/healthz`` liveness, ``/readyz``
+readiness). gRPC health reports NOT_SERVING until every configured issuer's keys are loaded.
+
+SIGTERM/SIGINT: report NOT_SERVING, stop accepting, answer in-flight checks within the grace
+period, exit. SIGHUP (or a change of the watched config file): reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authz.server import servicer as servicer_mod
+from authz.server.http import HttpCheckServer
+from authz.service import Service
+
+log = logging.getLogger("authz.app")
+
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class AdminServer:
+    """A deliberately tiny HTTP/1.0-style server: GET /metrics, /healthz, /readyz."""
+
+    def __init__(
+        self,
+        *,
+        metrics_body: Callable[[], tuple[bytes, str]],
+        ready: Callable[[], bool],
+    ) -> None:
+        self._metrics_body = metrics_body
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._handle, host, port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+            elif path == "/metrics":
+                body, ctype = self._metrics_body()
+                status = "200 OK"
+            elif path == "/healthz":
+                status, ctype, body = "200 OK", "text/plain", b"ok\n"
+            elif path == "/readyz":
+                ok = self._ready()
+                status = "200 OK" if ok else "503 Service Unavailable"
+                ctype, body = "text/plain", b"ready\n" if ok else b"not ready\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", b"not found\n"
+            writer.write(
+                f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                "connection: close\r\n\r\n".encode()
+                + (b"" if method == "HEAD" else body)
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass
+        except Exception:
+            log.exception("admin request failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+class App:
+    def __init__(
+        self,
+        service: Service,
+        *,
+        metrics_body: Callable[[], tuple[bytes, str]],
+        grpc_listen: str | None = None,
+        http_listen: str | None = None,
+        admin_listen: str | None = None,
+        reuse_port: bool = False,
+        watch_interval_s: float = 2.0,
+    ) -> None:
+        s = service.settings.server
+        self.service = service
+        self.grpc_listen = s.grpc_listen if grpc_listen is None else grpc_listen
+        self.http_listen = s.http_listen if http_listen is None else http_listen
+        self.admin_listen = s.admin_listen if admin_listen is None else admin_listen
+        self.grace_s = s.shutdown_grace_s
+        self.reuse_port = reuse_port
+        self.watch_interval_s = watch_interval_s
+        self._grpc: grpc.aio.Server | None = None
+        self._http: HttpCheckServer | None = None
+        self._admin = AdminServer(metrics_body=metrics_body, ready=lambda: service.ready)
+        self._health = health.aio.HealthServicer()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.grpc_port = 0
+        self.http_port = 0
+        self.admin_port = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self.admin_listen:
+            self.admin_port = await self._admin.start(*split_hostport(self.admin_listen))
+        await self._set_health(serving=False)
+        if self.grpc_listen:
+            options = [("grpc.so_reuseport", 1 if self.reuse_port else 0)]
+            self._grpc = grpc.aio.server(options=options)
+            servicer_mod.add_to_server(
+                servicer_mod.AuthorizationServicer(self.service.check, on_error=self._on_error),
+                self._grpc,
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+            servicer_mod.enable_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+            )
+            self.grpc_port = self._grpc.add_insecure_port(self.grpc_listen)
+            await self._grpc.start()
+        if self.http_listen:
+            self._http = HttpCheckServer(self.service.check, on_error=self._on_error)
+            host, port = split_hostport(self.http_listen)
+            self.http_port = await self._http.start(host, port, reuse_port=self.reuse_port)
+        await self.service.start()
+        self._tasks.append(asyncio.create_task(self._readiness_loop()))
+        log.info(
+            "serving: grpc=%s http=%s admin=%s",
+            self.grpc_port or "-",
+            self.http_port or "-",
+            self.admin_port or "-",
+        )
+
+    def _on_error(self, exc: BaseException) -> None:
+        log.error("transport error turned into internal_error deny: %r", exc)
+        self.service.metrics.internal_errors.labels("transport").inc()
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def _readiness_loop(self) -> None:
+        """Keep health, the ready gauge, cache metrics and config reloads up to date."""
+        was_ready: bool | None = None
+        last_watch = time.monotonic()
+        while not self._stop.is_set():
+            ready = self.service.ready
+            if ready != was_ready:
+                await self._set_health(serving=ready)
+                self.service.metrics.ready.set(1 if ready else 0)
+                log.info("readiness: %s", "ready" if ready else "not ready")
+                was_ready = ready
+            self.service.sync_cache_metrics()
+            now = time.monotonic()
+            if now - last_watch >= self.watch_interval_s:
+                last_watch = now
+                if self.service.config_changed():
+                    await self.service.reload()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=0.25)
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.append(task)
+
+    async def _reload(self) -> None:
+        await self.service.reload()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING first (Envoy's health checks move away), then stop accepting and
+        let in-flight checks finish within the grace period."""
+        self._stop.set()
+        self.service.shutting_down = True
+        await self._set_health(serving=False)
+        self.service.metrics.ready.set(0)
+        waits: list[Awaitable[object]] = []
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(self.grace_s))
+        if self._http is not None:
+            waits.append(self._http.close(self.grace_s))
+        await asyncio.gather(*waits, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.service.close()
+        await self._admin.close()
+        log.info("stopped")
+
+    async def run(self) -> None:
+        await self.start()
+        self.install_signal_handlers()
+        await self.wait()
+        await self.stop()

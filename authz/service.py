@@ -1,0 +1,183 @@
+"""The running service, transport-independent: the current engine, its keys, and one async
+``check`` that both transports call.
+
+``Service.check`` is the only place where the pure engine meets I/O: on ``unknown_signing_key`` it
+asks the key store for a single-flight, rate-limited refresh of that issuer and decides once more;
+it records metrics and the audit line; and it turns any unexpected exception into the explicit
+503 ``internal_error`` deny (fail closed, nothing left to Envoy's ``failure_mode_allow``).
+
+A reload parses and validates the new file completely, builds a new key store (reusing the
+snapshots of unchanged issuers, fetching new ones), a new verifier and engine, and swaps the
+``_State`` reference in one assignment: a check in flight keeps the state it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from authz import config as config_mod
+from authz.config import Settings
+from authz.engine import Engine, new_decision_id
+from authz.identity.cache import ClaimsCache
+from authz.identity.entra import TokenVerifier
+from authz.identity.keys import KeyStore
+from authz.observability import AuditLog, Metrics
+from authz.policy.decisions import internal_error
+from authz.policy.model import Decision, RequestAttrs
+
+log = logging.getLogger("authz.service")
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    settings: Settings
+    keys: KeyStore
+    cache: ClaimsCache | None
+    engine: Engine
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        metrics: Metrics,
+        audit: AuditLog,
+        config_path: str | None = None,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.audit = audit
+        self.config_path = config_path
+        self._client = http_client or httpx.AsyncClient(
+            timeout=httpx.Timeout(10.0), follow_redirects=False, trust_env=False
+        )
+        self._owns_client = http_client is None
+        self._state = self._build(settings, previous=None)
+        self._reload_lock = asyncio.Lock()
+        self._config_stamp = _stamp(config_path)
+        self.shutting_down = False
+
+    # ---------------------------------------------------------------------------- construction
+
+    def _build(self, settings: Settings, previous: KeyStore | None) -> _State:
+        keys = KeyStore(settings.issuers, self._client, observer=self.metrics)
+        if previous is not None:
+            keys.adopt(previous)
+        t = settings.tokens
+        cache = (
+            ClaimsCache(t.cache_max_entries, t.cache_max_ttl_s)
+            if t.cache_max_entries > 0 and t.cache_max_ttl_s > 0
+            else None
+        )
+        verifier = TokenVerifier(t, {s.name: s for s in settings.issuers}, keys, cache=cache)
+        return _State(settings, keys, cache, Engine(settings, verifier))
+
+    @property
+    def settings(self) -> Settings:
+        return self._state.settings
+
+    @property
+    def ready(self) -> bool:
+        return not self.shutting_down and self._state.keys.ready
+
+    async def start(self) -> None:
+        await self._state.keys.start()
+        self._state.keys.start_background()
+        self.metrics.config_last_success.set(time.time())
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    async def close(self) -> None:
+        await self._state.keys.close()
+        if self._owns_client:
+            await self._client.aclose()
+
+    # ---------------------------------------------------------------------------------- check
+
+    async def check(self, attrs: RequestAttrs) -> Decision:
+        start = time.perf_counter()
+        state = self._state
+        try:
+            decision = state.engine.check(attrs)
+            if decision.refresh_issuer and await state.keys.refresh_unknown_kid(
+                decision.refresh_issuer
+            ):
+                decision = state.engine.check(attrs)
+        except Exception:
+            log.exception("check failed; denying with internal_error")
+            self.metrics.internal_errors.labels("service").inc()
+            decision = internal_error(new_decision_id(), attrs.request_id)
+        elapsed = time.perf_counter() - start
+        self.metrics.record_check(decision, elapsed)
+        self.audit.record(attrs, decision, elapsed)
+        return decision
+
+    def check_sync(self, attrs: RequestAttrs) -> Decision:
+        """The engine alone, for offline tools (``authz explain``) and benchmarks."""
+        return self._state.engine.check(attrs)
+
+    def sync_cache_metrics(self) -> None:
+        cache = self._state.cache
+        if cache is not None:
+            self.metrics.sync_cache(cache.hits, cache.misses, len(cache))
+
+    # --------------------------------------------------------------------------------- reload
+
+    def config_changed(self) -> bool:
+        """True when the file (or the symlink chain a ConfigMap mount swaps) changed."""
+        return self.config_path is not None and _stamp(self.config_path) != self._config_stamp
+
+    async def reload(self) -> bool:
+        """Load, validate and warm a new configuration, then swap. Never drops the old one on
+        failure. Returns True if the new configuration is now serving."""
+        if self.config_path is None:
+            return False
+        async with self._reload_lock:
+            stamp = _stamp(self.config_path)
+            try:
+                settings = config_mod.load(self.config_path)
+                new = self._build(settings, previous=self._state.keys)
+                await new.keys.start()
+                if not new.keys.ready:
+                    await new.keys.close()
+                    raise RuntimeError("signing keys for the new configuration could not be loaded")
+            except config_mod.ConfigError as e:
+                self._config_stamp = stamp
+                self.metrics.reloads.labels("invalid").inc()
+                log.error("config reload rejected; still serving the previous one:\n%s", e)
+                return False
+            except Exception as e:
+                self._config_stamp = stamp
+                self.metrics.reloads.labels("error").inc()
+                log.error("config reload failed; still serving the previous one: %s", e)
+                return False
+            old = self._state
+            new.keys.start_background()
+            self._state = new  # the atomic swap: checks in flight finish on `old`
+            self._config_stamp = stamp
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.config_last_success.set(time.time())
+            for w in settings.warnings:
+                log.warning("config: %s", w)
+            log.info("configuration reloaded from %s", self.config_path)
+        await old.keys.close()
+        return True
+
+
+def _stamp(path: str | None) -> tuple[str, int, int, int] | None:
+    """Identity of a config file: resolved target, inode, mtime and size. Kubernetes swaps a
+    ConfigMap by re-pointing a ``..data`` symlink, which changes the resolved path."""
+    if path is None:
+        return None
+    try:
+        real = os.path.realpath(path)
+        st = os.stat(real)
+    except OSError:
+        return ("", 0, 0, 0)
+    return (real, st.st_ino, st.st_mtime_ns, st.st_size)
