@@ -1,0 +1,638 @@
+"""Envoy's HTTP ext_authz protocol on a lean asyncio server.
+
+Envoy's ``ext_authz`` filter with ``http_service`` sends, for every client request, an HTTP/1.1
+request with the same method, ``path_prefix`` + the original path (query included), the allowed
+original headers and no body. The status of our answer is the decision: ``200`` allows (headers
+matching ``allowed_upstream_headers`` overwrite the upstream request's, the request headers named in
+``x-envoy-auth-headers-to-remove`` are removed), anything else denies (Envoy returns our status,
+body and the headers matching ``allowed_client_headers`` to the client). Headers matching
+``dynamic_metadata_from_headers`` become dynamic metadata in both cases: that is how the decision
+metadata (``x-authz-decision-id``, ``x-authz-code``, ...) reaches access logs.
+
+This module is the thin HTTP adapter around the decision core: request -> ``RequestAttrs`` (a
+plain function of what arrived), ``await check(attrs)`` -> ``Decision`` -> bytes
+(``render_decision``). It is a raw ``asyncio.Protocol`` driving ``httptools.HttpRequestParser``
+directly, because a framework stack costs ~4x the CPU per check (see docs/http-transport.md).
+
+HTTP/1.1 handling: keep-alive (``Connection: close`` and HTTP/1.0 close after the answer),
+pipelining (answers in request order even when checks finish out of order), bounded URL, header
+and body sizes, a header-read timeout and an idle timeout, ``400`` for malformed input. The same
+never-raise rule as the gRPC servicer: a check that raises is rendered as the explicit
+``internal_error`` deny (503), and nothing escapes the protocol callbacks. Logs go to
+``authz.http`` and never contain header values.
+
+Works on plain asyncio and on uvloop; choosing the loop is the application's business.
+
+Must not import grpc, prometheus or anything from ``authz._proto``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from types import MappingProxyType
+
+import httptools
+
+from authz.policy.decisions import internal_error
+from authz.policy.model import Decision, RequestAttrs
+
+__all__ = [
+    "CheckFn",
+    "ErrorHook",
+    "HttpCheckServer",
+    "HttpLimits",
+    "render_decision",
+]
+
+log = logging.getLogger("authz.http")
+
+CheckFn = Callable[[RequestAttrs], Awaitable[Decision]]
+ErrorHook = Callable[[BaseException], None]
+
+# ------------------------------------------------------------------------------ limits, constants
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Bounds on what one connection may make us hold. Envoy stays far below all of them."""
+
+    max_url_bytes: int = 8192  # over -> 414, then close
+    max_header_bytes: int = 65536  # names + values, total per request; over -> 431, then close
+    max_headers: int = 100  # over -> 431, then close
+    max_body_bytes: int = 1 << 20  # Envoy sends none; over -> 413, then close
+    max_pipelined: int = 16  # unanswered requests per connection before we stop reading
+    max_queued: int = 1024  # unanswered requests per connection before we give up on it (503)
+    idle_timeout_s: float = 60.0  # no request in progress and nothing received for this long
+    header_timeout_s: float = 10.0  # a request's head must arrive within this
+
+
+def _status_line(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
+
+
+# Precomputed once: status lines for every valid status, and the constant tails.
+_STATUS_LINES: dict[int, bytes] = {s: _status_line(s) for s in range(100, 600)}
+_ALLOW_STATUS = _STATUS_LINES[200]
+_CLOSE = b"connection: close\r\n"
+_EMPTY_TAIL = b"content-length: 0\r\n\r\n"
+_EMPTY_TAIL_CLOSE = b"content-length: 0\r\nconnection: close\r\n\r\n"
+_REMOVE = "x-envoy-auth-headers-to-remove"
+
+# Decision metadata travels as response headers: Envoy's dynamic_metadata_from_headers maps them
+# into the ext_authz namespace. The well-known keys come first and fall back to the Decision's own
+# fields, so decision id and code are always there; further metadata keys follow as
+# ``x-authz-<key with dashes>``.
+_META_HEADERS: tuple[tuple[str, str], ...] = (
+    ("decision_id", "x-authz-decision-id"),
+    ("code", "x-authz-code"),
+    ("api", "x-authz-api"),
+    ("route", "x-authz-route"),
+)
+_META_KNOWN = frozenset(k for k, _ in _META_HEADERS)
+_META_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _meta_header(key: str) -> str | None:
+    if not key or not set(key) <= _META_KEY_CHARS:
+        return None
+    return "x-authz-" + key.replace("_", "-")
+
+
+def _bad_request_bytes(status: int, code: str) -> bytes:
+    """A transport-level rejection (never reaches the engine), rendered once at import."""
+    body = f'{{"error":"invalid_request","code":"{code}"}}'.encode("ascii")
+    return b"".join(
+        (
+            _STATUS_LINES[status],
+            b"content-type: application/json\r\n",
+            f"x-authz-code: {code}\r\n".encode("ascii"),
+            f"content-length: {len(body)}\r\n".encode("ascii"),
+            _CLOSE,
+            b"\r\n",
+            body,
+        )
+    )
+
+
+_REJECT_BYTES: dict[int, bytes] = {
+    400: _bad_request_bytes(400, "invalid_request"),
+    413: _bad_request_bytes(413, "invalid_request"),
+    414: _bad_request_bytes(414, "invalid_request"),
+    431: _bad_request_bytes(431, "invalid_request"),
+    503: _bad_request_bytes(503, "internal_error"),
+}
+# A well-formed request whose path is not under path_prefix: answered, connection kept.
+_OUTSIDE_PREFIX = _REJECT_BYTES[400].replace(_CLOSE, b"")
+_OUTSIDE_PREFIX_HEAD = _OUTSIDE_PREFIX[: _OUTSIDE_PREFIX.index(b"\r\n\r\n") + 4]
+
+
+class UnsafeHeaderError(ValueError):
+    """A decision carried header text that would break HTTP framing (CR, LF or NUL)."""
+
+
+# ------------------------------------------------------------------------------------- rendering
+
+
+def render_decision(d: Decision, *, head: bool = False, close: bool = False) -> bytes:
+    """The complete HTTP/1.1 answer to Envoy for one decision.
+
+    Allow -> 200 with ``upstream_headers``, ``x-envoy-auth-headers-to-remove`` and the metadata
+    headers, empty body. Deny -> ``d.status`` with ``response_headers``, the metadata headers and
+    ``d.body`` (omitted, with its length kept, when answering a HEAD request, as HTTP demands).
+    Raises ``UnsafeHeaderError`` (or ``ValueError``) when the decision cannot be rendered safely; a
+    deny whose status Envoy would read as an allow (200) or that is not a final error/redirect
+    status counts as unsafe: the caller then renders ``internal_error`` instead.
+    """
+    if d.allowed:
+        status_line = _ALLOW_STATUS
+        parts = [f"{n}: {v}" for n, v in d.upstream_headers]
+        if d.remove_headers:
+            parts.append(f"{_REMOVE}: {','.join(d.remove_headers)}")
+        body = b""
+    else:
+        if not 300 <= d.status <= 599:
+            raise ValueError(f"deny with status {d.status} would not read as a deny")
+        status_line = _STATUS_LINES[d.status]
+        parts = [f"{n}: {v}" for n, v in d.response_headers]
+        body = d.body
+    meta = d.metadata
+    parts.append(f"x-authz-decision-id: {meta.get('decision_id') or d.decision_id}")
+    parts.append(f"x-authz-code: {meta.get('code') or d.code}")
+    api = meta.get("api") or d.api
+    if api:
+        parts.append(f"x-authz-api: {api}")
+    route = meta.get("route") or d.route
+    if route:
+        parts.append(f"x-authz-route: {route}")
+    if len(meta) > 2:
+        for key, value in meta.items():
+            if key not in _META_KNOWN and value and (name := _meta_header(key)):
+                parts.append(f"{name}: {value}")
+    parts.append(f"content-length: {len(body)}")
+    if close:
+        parts.append("connection: close")
+    block = "\r\n".join(parts)
+    # One scan each instead of per-value checks: every line break must be one of ours.
+    lines = len(parts) - 1
+    if block.count("\n") != lines or block.count("\r") != lines or "\x00" in block:
+        raise UnsafeHeaderError("header text contains CR, LF or NUL")
+    head_bytes = status_line + block.encode("utf-8") + b"\r\n\r\n"
+    if head or not body:
+        return head_bytes
+    return head_bytes + body
+
+
+# -------------------------------------------------------------------------------------- protocol
+
+
+class _Reject(Exception):
+    """Raised inside parser callbacks to stop parsing and answer ``status`` then close."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Stop(Exception):
+    """Raised inside parser callbacks to stop reading requests on a closing connection."""
+
+
+class _Slot:
+    """One request's place in the connection's answer queue (answers go out in request order)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None = None) -> None:
+        self.data = data
+
+
+class _HttpCheckProtocol(asyncio.Protocol):
+    """One client connection (normally one pooled connection from one Envoy worker)."""
+
+    def __init__(self, server: HttpCheckServer) -> None:
+        self._server = server
+        self._limits = server.limits
+        self._loop = server.loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[_Slot] = deque()
+        self._closing = False  # no more requests are read; close once the queue drains
+        self._read_paused = False
+        self._write_paused = False
+        self.last_rx = 0.0
+        # Per-request parse state, reset in on_message_begin.
+        self._in_head = False
+        self._head_started = 0.0
+        self._head_rx = 0
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._hcount = 0
+        self._hbytes = 0
+        self._body_bytes = 0
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.last_rx = self._loop.time()
+        self._server.connections.add(self)
+        if self._server.draining:
+            self._closing = True
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._closing = True
+        self._queue.clear()
+        self._transport = None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after sending still gets its pending answers.
+        self._closing = True
+        if self._queue:
+            return True
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self.last_rx = self._loop.time()
+        if self._in_head:
+            # httptools buffers a header value until it ends: bound what one head may feed it.
+            self._head_rx += len(data)
+            limits = self._limits
+            if self._head_rx > limits.max_header_bytes + limits.max_url_bytes + 8192:
+                self._reject(431)
+                return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status)
+            elif isinstance(cause, _Stop):
+                self._maybe_close()
+            else:
+                log.error("http transport bug in a parser callback", exc_info=cause)
+                self._reject(400)
+        except httptools.HttpParserUpgrade:
+            # An Upgrade/CONNECT request: answered like any other, then the connection ends
+            # (bytes after its head are not HTTP and are not ours to read).
+            self._closing = True
+            self._maybe_close()
+        except httptools.HttpParserError:
+            self._reject(400)
+        except Exception:
+            log.exception("http transport bug while reading a request")
+            self._reject(400)
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._closing:
+            raise _Stop  # requests pipelined after a "connection: close" one are not read
+        self._in_head = True
+        self._head_started = self._loop.time()
+        self._head_rx = 0
+        self._url = b""
+        self._headers = {}
+        self._hcount = 0
+        self._hbytes = 0
+        self._body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_url_bytes:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._hcount += 1
+        self._hbytes += len(name) + len(value)
+        if self._hcount > self._limits.max_headers or self._hbytes > self._limits.max_header_bytes:
+            raise _Reject(431)
+        key = name.decode("latin-1").lower()
+        headers = self._headers
+        # Repeats are comma-joined, as Envoy merges them for gRPC: both transports see the same.
+        prev = headers.get(key)
+        headers[key] = (
+            value.decode("latin-1") if prev is None else f"{prev}, {value.decode('latin-1')}"
+        )
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
+            raise _Reject(413)
+
+    def on_body(self, body: bytes) -> None:
+        # Envoy sends no body unless with_request_body is on; nothing here reads it.
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _Reject(413)
+
+    def on_message_complete(self) -> None:
+        parser = self._parser
+        keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        method = parser.get_method().decode("ascii")
+        if not keep_alive:
+            self._closing = True
+        if len(self._queue) >= self._limits.max_queued:
+            raise _Reject(503)
+        server = self._server
+        path = self._url.decode("latin-1")
+        prefix = server.path_prefix
+        if prefix:
+            if not path.startswith(prefix):
+                self._push_ready(self._outside_prefix(method, keep_alive))
+                return
+            path = path[len(prefix) :]
+        if not path.startswith("/"):
+            self._push_ready(self._outside_prefix(method, keep_alive))
+            return
+        headers = self._headers
+        attrs = RequestAttrs(
+            method=method,
+            path=path,
+            host=headers.get("host", ""),
+            headers=MappingProxyType(headers),
+            request_id=headers.get("x-request-id", ""),
+        )
+        slot = _Slot()
+        self._queue.append(slot)
+        task = self._loop.create_task(self._answer(attrs, slot, method == "HEAD", not keep_alive))
+        server.tasks.add(task)
+        task.add_done_callback(server.tasks.discard)
+        if len(self._queue) >= self._limits.max_pipelined:
+            self._update_reading()
+
+    # -- answering -------------------------------------------------------------------------------
+
+    async def _answer(self, attrs: RequestAttrs, slot: _Slot, head: bool, close: bool) -> None:
+        server = self._server
+        try:
+            decision = await server.check(attrs)
+            data = render_decision(decision, head=head, close=close or server.draining)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never raise out of the transport: fail closed, loudly
+            data = server.internal_error_bytes(exc, attrs, head, close)
+        slot.data = data
+        if self._queue and self._queue[0] is slot:
+            self._flush()
+
+    def _outside_prefix(self, method: str, keep_alive: bool) -> bytes:
+        if not keep_alive or self._server.draining:
+            self._closing = True
+            return _REJECT_BYTES[400] if method != "HEAD" else _head_only(_REJECT_BYTES[400])
+        return _OUTSIDE_PREFIX if method != "HEAD" else _OUTSIDE_PREFIX_HEAD
+
+    def _push_ready(self, data: bytes) -> None:
+        self._queue.append(_Slot(data))
+        if self._queue[0].data is not None:
+            self._flush()
+
+    def _flush(self) -> None:
+        transport = self._transport
+        queue = self._queue
+        if transport is None:
+            return
+        if len(queue) == 1 or queue[1].data is None:
+            data = queue.popleft().data
+            assert data is not None
+        else:
+            chunks = []
+            while queue and (chunk := queue[0].data) is not None:
+                chunks.append(chunk)
+                queue.popleft()
+            data = b"".join(chunks)
+        transport.write(data)
+        if self._read_paused:
+            self._update_reading()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if (self._closing or self._server.draining) and not self._queue:
+            self._closing = True
+            if self._transport is not None:
+                self._transport.close()
+
+    def _reject(self, status: int) -> None:
+        """Answer ``status`` after whatever is already queued, then close the connection."""
+        self._closing = True
+        self._in_head = False
+        self._push_ready(_REJECT_BYTES[status])
+        self._maybe_close()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        want_pause = self._write_paused or len(self._queue) >= self._limits.max_pipelined
+        if want_pause and not self._read_paused:
+            self._read_paused = True
+            transport.pause_reading()
+        elif not want_pause and self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+
+    # -- housekeeping (called by the server's sweeper) -------------------------------------------
+
+    def expired(self, now: float) -> bool:
+        if self._queue:
+            return False  # a check is running: its answer is owed
+        limits = self._limits
+        if self._in_head:
+            return now - self._head_started > limits.header_timeout_s
+        return now - self.last_rx > limits.idle_timeout_s
+
+    @property
+    def idle(self) -> bool:
+        return not self._queue
+
+    def drain(self) -> None:
+        """Read no further requests; close now if nothing is owed, else after the last answer."""
+        self._closing = True
+        self._maybe_close()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _head_only(data: bytes) -> bytes:
+    return data[: data.index(b"\r\n\r\n") + 4]
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+class HttpCheckServer:
+    """Envoy's HTTP ext_authz endpoint around one ``check`` function.
+
+    ``check`` turns a ``RequestAttrs`` into a ``Decision``; everything HTTP is done here.
+    ``path_prefix`` must match the filter's ``http_service.path_prefix``: it is stripped before the
+    path reaches ``check``, and requests outside it are answered 400 (a deny) without a check.
+    ``on_error`` is told about every exception a check raised (the answer is then the 503
+    ``internal_error`` deny), e.g. to count it.
+    """
+
+    def __init__(
+        self,
+        check: CheckFn,
+        *,
+        path_prefix: str = "",
+        on_error: ErrorHook | None = None,
+        limits: HttpLimits | None = None,
+    ) -> None:
+        self.check = check
+        self.path_prefix = path_prefix
+        self.on_error = on_error
+        self.limits = limits or HttpLimits()
+        self.connections: set[_HttpCheckProtocol] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.draining = False
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "start() first"
+        return self._loop
+
+    @property
+    def in_flight(self) -> int:
+        """Checks started and not yet answered."""
+        return len(self.tasks)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self.connections)
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        backlog: int = 1024,
+    ) -> int:
+        """Listen on ``host:port`` (0 = any free port) and return the bound port.
+
+        ``reuse_port`` lets several worker processes bind the same port (SO_REUSEPORT); note that
+        Envoy keeps few long-lived connections, so one port per worker balances better.
+        """
+        if self._server is not None:
+            raise RuntimeError("already started")
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _HttpCheckProtocol(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=backlog,
+        )
+        self._schedule_sweep()
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop accepting, answer what is in flight (within ``grace_s``), close every connection.
+
+        Idle keep-alive connections are closed at once; a connection with checks in flight gets
+        its answers (marked ``connection: close``) and is closed after the last one. Whatever is
+        still running after ``grace_s`` is cancelled and its connection aborted.
+        """
+        if self._server is None or self.draining:
+            return
+        self.draining = True
+        self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self.connections):
+            conn.drain()
+        loop = self.loop
+        deadline = loop.time() + grace_s
+        while (self.connections or self.tasks) and loop.time() < deadline:
+            for conn in list(self.connections):
+                if conn.idle:
+                    conn.close()
+            await asyncio.sleep(0.01)
+        for task in list(self.tasks):
+            task.cancel()
+        for conn in list(self.connections):
+            conn.abort()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1.0)
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+        except TimeoutError:  # pragma: no cover - only a stuck transport gets here
+            log.warning("http listener did not close within 1 s")
+
+    # -- internals used by the protocol ----------------------------------------------------------
+
+    def internal_error_bytes(
+        self, exc: BaseException, attrs: RequestAttrs, head: bool, close: bool
+    ) -> bytes:
+        decision_id = uuid.uuid4().hex
+        # Never the headers: they hold tokens. Type, ids and path are safe to log.
+        log.error(
+            "check failed; answering internal_error",
+            exc_info=exc,
+            extra={
+                "request_id": attrs.request_id,
+                "decision_id": decision_id,
+                "method": attrs.method,
+                "error_type": type(exc).__name__,
+            },
+        )
+        if self.on_error is not None:
+            try:
+                self.on_error(exc)
+            except Exception:
+                log.exception("on_error hook failed")
+        return render_decision(
+            internal_error(decision_id, attrs.request_id),
+            head=head,
+            close=close or self.draining,
+        )
+
+    def _schedule_sweep(self) -> None:
+        limits = self.limits
+        interval = min(max(min(limits.idle_timeout_s, limits.header_timeout_s) / 4, 0.05), 5.0)
+        self._sweeper = self.loop.call_later(interval, self._sweep)
+
+    def _sweep(self) -> None:
+        try:
+            now = self.loop.time()
+            for conn in [c for c in self.connections if c.expired(now)]:
+                conn.close()
+        except Exception:  # pragma: no cover - a bug here must not stop future sweeps
+            log.exception("http idle sweep failed")
+        if not self.draining:
+            self._schedule_sweep()
