@@ -1,0 +1,38 @@
+"""End-to-end fixtures: the real Envoy binary in front of the real authz server process, the dev
+IdP serving discovery/JWKS over HTTP, and the echo backend reporting what it received.
+
+One stack per transport per session (starting Envoy and the server costs ~2 s); tests that kill
+or reconfigure the server build their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from authz.devstack import Stack
+
+TRANSPORTS = ("grpc", "http")
+
+
+@pytest.fixture(scope="session", params=TRANSPORTS)
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    transport: str = request.param
+    s = Stack(tmp_path_factory.mktemp(f"stack-{transport}"), transport=transport)
+    try:
+        s.start()
+    except Exception:
+        print(s.logs() if hasattr(s, "idp") else "")
+        s.stop()
+        raise
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
