@@ -1,35 +1,273 @@
 """Turning outcomes into ``Decision`` objects: allow with the identity-header contract, deny with
 the right challenge and JSON body, and the explicit fail-closed internal error.
 
+Deny bodies are compact JSON ``{"error": ..., "code": ..., "request_id": ...}`` where ``error`` is
+an OAuth-style error and ``code`` our stable denial code:
+
+    status  error                      WWW-Authenticate (RFC 6750 §3, RFC 9728)
+    400     invalid_request            Bearer realm="R", error="invalid_request"
+    401     invalid_token              missing_token: Bearer realm="R"   (no error attribute)
+                                       otherwise:     Bearer realm="R", error="invalid_token",
+                                                      error_description="<fixed text per code>"
+    401     insufficient_claims        ClaimsChallenge: Bearer realm="", authorization_uri="U",
+                                       error="insufficient_claims", claims="<base64 claims JSON>"
+    403     insufficient_scope         Bearer realm="R", error="insufficient_scope", scope="S"
+                                       (scope omitted when the denial names none)
+    403     access_denied              unknown_api, no_matching_route: none (no token privilege
+                                       would help, so no challenge is issued)
+    429     rate_limited               none
+    503     temporarily_unavailable    none
+
+``R`` is the API's realm, else its name, else ``entra-authz``; ``U`` is the configured
+authorization endpoint (default Entra's ``common``). ``resource_metadata="..."`` is appended to
+every challenge when the API sets it. Values are quoted with ``\\`` escapes and stripped of
+control characters; nothing in a challenge comes from the request or the token. Rendered
+challenges are cached per (API, denial shape).
+
+Dynamic metadata (allow and deny alike): ``decision_id``, ``api``, ``route``, ``code``, ``oid``,
+``tid``, ``azp``; strings, empty when unknown.
+
 Pure module: no grpc, prometheus, asyncio or network imports.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+from collections.abc import Mapping
 from types import MappingProxyType
 
-from authz.policy.errors import MEANING, Code
-from authz.policy.model import Decision
+from authz.policy.errors import MEANING, ClaimsChallenge, Code, Denial, Forbidden
+from authz.policy.headers import HeaderPlan
+from authz.policy.model import ApiSpec, Decision, HeaderContract, Principal, Route
+
+__all__ = [
+    "DEFAULT_AUTHORIZATION_URI",
+    "DEFAULT_REALM",
+    "allow",
+    "deny",
+    "internal_error",
+    "www_authenticate",
+]
+
+DEFAULT_REALM = "entra-authz"
+DEFAULT_AUTHORIZATION_URI = "https://login.microsoftonline.com/common/oauth2/authorize"
+_JSON = ("content-type", "application/json")
+_NO_CHALLENGE_403 = frozenset({Code.UNKNOWN_API, Code.NO_MATCHING_ROUTE})
+_CACHE_MAX = 4096
+
+
+def _metadata(
+    decision_id: str,
+    code: str,
+    api: ApiSpec | None,
+    route: Route | None,
+    principal: Principal | None,
+) -> Mapping[str, str]:
+    return MappingProxyType(
+        {
+            "decision_id": decision_id,
+            "api": api.name if api is not None else "",
+            "route": route.name if route is not None else "",
+            "code": code,
+            "oid": principal.oid if principal is not None else "",
+            "tid": principal.tid if principal is not None else "",
+            "azp": principal.client_id if principal is not None else "",
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------- allow
+
+# Header plans by (id(api), id(contract)); entries keep both alive so ids cannot be reused.
+_PLANS: dict[tuple[int, int], tuple[ApiSpec | None, HeaderContract, HeaderPlan]] = {}
+
+
+def _plan(api: ApiSpec | None, contract: HeaderContract) -> HeaderPlan:
+    key = (id(api), id(contract))
+    entry = _PLANS.get(key)
+    if entry is not None and entry[0] is api and entry[1] is contract:
+        return entry[2]
+    plan = HeaderPlan(api, contract)
+    if len(_PLANS) >= _CACHE_MAX:
+        _PLANS.clear()
+    _PLANS[key] = (api, contract, plan)
+    return plan
+
+
+def allow(
+    *,
+    decision_id: str,
+    request_id: str,
+    api: ApiSpec | None,
+    route: Route | None,
+    principal: Principal | None,
+    contract: HeaderContract,
+    would_deny: Denial | None = None,
+) -> Decision:
+    """An allow carrying the identity-header contract (see ``authz.policy.headers``).
+
+    ``would_deny`` (dry-run): the request is still allowed, but ``code``/``reason`` are the
+    denial's and ``would_deny`` is True. ``request_id`` is accepted for symmetry with ``deny``.
+    """
+    del request_id  # allows have no body to carry it
+    upstream, remove = _plan(api, contract).render(principal)
+    if would_deny is None:
+        code, reason = Code.OK.value, MEANING[Code.OK]
+    else:
+        code, reason = would_deny.code.value, would_deny.reason
+    return Decision(
+        allowed=True,
+        status=200,
+        code=code,
+        reason=reason,
+        decision_id=decision_id,
+        api=api.name if api is not None else "",
+        route=route.name if route is not None else "",
+        upstream_headers=upstream,
+        remove_headers=remove,
+        metadata=_metadata(decision_id, code, api, route, principal),
+        principal=principal,
+        would_deny=would_deny is not None,
+    )
+
+
+# ----------------------------------------------------------------------------------------- deny
+
+
+def _oauth_error(denial: Denial) -> str:
+    if isinstance(denial, ClaimsChallenge):
+        return "insufficient_claims"
+    if denial.status == 400:
+        return "invalid_request"
+    if denial.status == 401:
+        return "invalid_token"
+    if denial.status == 403:
+        return "access_denied" if denial.code in _NO_CHALLENGE_403 else "insufficient_scope"
+    if denial.status == 429:
+        return "rate_limited"
+    return "temporarily_unavailable"
+
+
+def _quote(value: str) -> str:
+    """An RFC 9110 quoted-string of printable ASCII (anything else is dropped)."""
+    cleaned = "".join(c for c in value if " " <= c <= "~")
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _description(code: Code) -> str:
+    # RFC 6750 §3: error_description is %x20-21 / %x23-5B / %x5D-7E, so no '"' or '\' at all.
+    text = MEANING[code].replace('"', "'").replace("\\", "/")
+    return '"' + "".join(c for c in text if " " <= c <= "~") + '"'
+
+
+def _render_challenge(denial: Denial, api: ApiSpec | None, authorization_uri: str) -> str | None:
+    realm = _quote((api.realm or api.name) if api is not None else DEFAULT_REALM)
+    if isinstance(denial, ClaimsChallenge):
+        claims = base64.b64encode(denial.claims_json.encode("utf-8")).decode("ascii")
+        params = [
+            'realm=""',
+            f"authorization_uri={_quote(authorization_uri)}",
+            'error="insufficient_claims"',
+            f"claims={_quote(claims)}",
+        ]
+    elif denial.status == 400:
+        params = [f"realm={realm}", 'error="invalid_request"']
+    elif denial.status == 401:
+        if denial.code == Code.MISSING_TOKEN:
+            params = [f"realm={realm}"]
+        else:
+            params = [
+                f"realm={realm}",
+                'error="invalid_token"',
+                f"error_description={_description(denial.code)}",
+            ]
+    elif denial.status == 403 and denial.code not in _NO_CHALLENGE_403:
+        params = [f"realm={realm}", 'error="insufficient_scope"']
+        scope = denial.required_scope if isinstance(denial, Forbidden) else ""
+        if scope:
+            params.append(f"scope={_quote(scope)}")
+    else:
+        return None
+    if api is not None and api.resource_metadata:
+        params.append(f"resource_metadata={_quote(api.resource_metadata)}")
+    return "Bearer " + ", ".join(params)
+
+
+_CHALLENGES: dict[tuple[int, str, str, str, str, int], tuple[ApiSpec | None, str | None]] = {}
+
+
+def www_authenticate(
+    denial: Denial,
+    api: ApiSpec | None,
+    authorization_uri: str = DEFAULT_AUTHORIZATION_URI,
+) -> str | None:
+    """The ``WWW-Authenticate`` value for ``denial`` (``None`` when it gets no challenge)."""
+    key = (
+        id(api),
+        denial.code.value,
+        denial.required_scope if isinstance(denial, Forbidden) else "",
+        denial.claims_json if isinstance(denial, ClaimsChallenge) else "",
+        authorization_uri,
+        denial.status,
+    )
+    entry = _CHALLENGES.get(key)
+    if entry is not None and entry[0] is api:
+        return entry[1]
+    rendered = _render_challenge(denial, api, authorization_uri)
+    if len(_CHALLENGES) >= _CACHE_MAX:
+        _CHALLENGES.clear()
+    _CHALLENGES[key] = (api, rendered)
+    return rendered
+
+
+def _body(error: str, code: str, request_id: str) -> bytes:
+    return json.dumps(
+        {"error": error, "code": code, "request_id": request_id},
+        separators=(",", ":"),
+    ).encode()
+
+
+def deny(
+    denial: Denial,
+    *,
+    decision_id: str,
+    request_id: str,
+    api: ApiSpec | None,
+    route: Route | None,
+    principal: Principal | None = None,
+    authorization_uri: str = DEFAULT_AUTHORIZATION_URI,
+) -> Decision:
+    """A deny with the status the denial's phase fixed, its challenge, and the JSON body."""
+    code = denial.code.value
+    challenge = www_authenticate(denial, api, authorization_uri)
+    headers = (("www-authenticate", challenge), _JSON) if challenge is not None else (_JSON,)
+    return Decision(
+        allowed=False,
+        status=denial.status,
+        code=code,
+        reason=denial.reason,
+        decision_id=decision_id,
+        api=api.name if api is not None else "",
+        route=route.name if route is not None else "",
+        response_headers=headers,
+        body=_body(_oauth_error(denial), code, request_id),
+        metadata=_metadata(decision_id, code, api, route, principal),
+        principal=principal,
+    )
 
 
 def internal_error(decision_id: str, request_id: str = "") -> Decision:
     """The explicit deny for any unexpected failure: 503 ``internal_error``, never an allow."""
-    body = json.dumps(
-        {
-            "error": "temporarily_unavailable",
-            "code": Code.INTERNAL_ERROR.value,
-            "request_id": request_id,
-        },
-        separators=(",", ":"),
-    ).encode()
+    code = Code.INTERNAL_ERROR.value
     return Decision(
         allowed=False,
         status=503,
-        code=Code.INTERNAL_ERROR.value,
+        code=code,
         reason=MEANING[Code.INTERNAL_ERROR],
         decision_id=decision_id,
-        response_headers=(("content-type", "application/json"),),
-        body=body,
-        metadata=MappingProxyType({"decision_id": decision_id, "code": Code.INTERNAL_ERROR.value}),
+        response_headers=(_JSON,),
+        body=_body("temporarily_unavailable", code, request_id),
+        # Only these two keys: the transports precompute this answer (see tests/component).
+        metadata=MappingProxyType({"decision_id": decision_id, "code": code}),
     )

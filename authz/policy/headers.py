@@ -1,0 +1,134 @@
+"""The identity-header contract: which headers an allow sets on the upstream request, which it
+removes, and how values are made safe to put in a header.
+
+On EVERY allow (anonymous routes and dry-run included) every contract header we do not set is
+removed, so a client can never smuggle identity to the backend: the six standard headers, the
+contract's ``also_strip`` names, the API's ``claim_headers`` names, and ``authorization`` unless
+the API sets ``forward_authorization``. Set headers are overwritten, never appended (the
+transports render them with append=false and OVERWRITE_IF_EXISTS_OR_ADD).
+
+Values, with a principal:
+
+    user_id -> oid         tenant_id -> tid       client_id -> azp/appid
+    roles   -> roles in token order, comma-joined  scopes -> 'scp' verbatim (space-separated)
+    token_kind -> "app" | "user"                   claim_headers -> the claim, stringified
+
+A claim is stringified as: a string as-is; a list with its items comma-joined (strings as-is,
+anything else as compact JSON); any other value as compact JSON (``true``, ``42``, ``{"a":1}``).
+A missing or null claim, and any value that renders empty, sets no header: the header is removed.
+
+Header-safety rule (applied to every value we set): the value is percent-encoded UTF-8 in which
+only printable ASCII other than ``%`` appears literally. Concretely ``%``, control characters
+(CR, LF, NUL, TAB, DEL, ...), non-ASCII characters, and leading or trailing spaces are written as
+``%XX`` escapes; inside comma-joined lists a comma within an item is written ``%2C``. So
+``urllib.parse.unquote`` on the value (after splitting lists on ``,``) returns exactly the claim,
+GUIDs, role and scope names pass unchanged, and no value can break a header line.
+
+Pure module: no grpc, prometheus, asyncio or network imports.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from authz.policy.model import ApiSpec, HeaderContract, Principal
+
+__all__ = ["HeaderPlan", "claim_header_value", "safe_header_value"]
+
+AUTHORIZATION = "authorization"
+
+
+def _escape_char(char: str) -> str:
+    return "".join(f"%{b:02X}" for b in char.encode("utf-8", "surrogatepass"))
+
+
+def safe_header_value(value: str, *, list_item: bool = False) -> str:
+    """Apply the header-safety rule (module docstring) to one value or one list item."""
+    if (
+        value.isascii()
+        and value.isprintable()
+        and "%" not in value
+        and not (list_item and "," in value)
+        and not value.startswith(" ")
+        and not value.endswith(" ")
+    ):
+        return value
+    out = []
+    last = len(value) - 1
+    for i, char in enumerate(value):
+        if char == " ":
+            out.append("%20" if i in (0, last) else " ")
+        elif "!" <= char <= "~" and char != "%" and not (list_item and char == ","):
+            out.append(char)
+        else:
+            out.append(_escape_char(char))
+    return "".join(out)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+
+
+def claim_header_value(value: Any) -> str:
+    """A claim value as a header value ("" when it renders empty)."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return safe_header_value(value)
+    if isinstance(value, list | tuple):
+        items = (item if isinstance(item, str) else _json(item) for item in value)
+        return ",".join(safe_header_value(item, list_item=True) for item in items)
+    return safe_header_value(_json(value))
+
+
+def _unique_lower(names: Sequence[str]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(name.lower(), None)
+    return tuple(seen)
+
+
+class HeaderPlan:
+    """The contract resolved for one API: computed once, applied on every allow."""
+
+    __slots__ = ("_claims", "_names", "_remove_all", "_standard", "strip_authorization")
+
+    def __init__(self, api: ApiSpec | None, contract: HeaderContract) -> None:
+        self._standard = tuple(name.lower() for name in contract.standard)
+        claim_headers = api.claim_headers if api is not None else ()
+        self._claims = tuple((header.lower(), claim) for header, claim in claim_headers)
+        self._names = _unique_lower(
+            [*self._standard, *contract.also_strip, *(h for h, _ in self._claims)]
+        )
+        self.strip_authorization = api is None or not api.forward_authorization
+        self._remove_all = self._names + ((AUTHORIZATION,) if self.strip_authorization else ())
+
+    def render(
+        self, principal: Principal | None
+    ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+        """``(headers to set, headers to remove)`` for one allow."""
+        if principal is None:
+            return (), self._remove_all
+        user_id, tenant_id, client_id, roles, scopes, token_kind = self._standard
+        candidates = [
+            (user_id, safe_header_value(principal.oid)),
+            (tenant_id, safe_header_value(principal.tid)),
+            (client_id, safe_header_value(principal.client_id)),
+            (roles, ",".join(safe_header_value(r, list_item=True) for r in principal.roles_list)),
+            (scopes, safe_header_value(principal.scp)),
+            (token_kind, principal.kind.value),
+        ]
+        claims = principal.claims
+        for header, claim in self._claims:
+            candidates.append((header, claim_header_value(claims.get(claim))))
+        # Later entries win on a duplicate name (a claim header may deliberately replace one).
+        chosen: dict[str, str] = {}
+        for name, value in candidates:
+            if value:
+                chosen[name] = value
+            else:
+                chosen.pop(name, None)
+        remove = tuple(name for name in self._remove_all if name not in chosen)
+        return tuple(chosen.items()), remove
