@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import cast
 
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
+
 from authz._proto.envoy.config.core.v3 import base_pb2
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz._proto.envoy.type.v3 import http_status_pb2
@@ -47,8 +49,6 @@ RPC_CODE_BY_HTTP_STATUS: Mapping[int, int] = {
 _OK_STATUS = status_pb2.Status(code=RPC_OK)
 _DENY_STATUS = {http: status_pb2.Status(code=rpc) for http, rpc in RPC_CODE_BY_HTTP_STATUS.items()}
 _DEFAULT_DENY_STATUS = status_pb2.Status(code=RPC_PERMISSION_DENIED)
-_HeaderValue = base_pb2.HeaderValue
-_HeaderValueOption = base_pb2.HeaderValueOption
 _APPEND_FALSE = base_pb2.HeaderValueOption(append={"value": False}).append
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
@@ -98,15 +98,15 @@ def request_id_of(req: CheckRequest) -> str:
         return ""
 
 
-def _header_options(pairs: Iterable[tuple[str, str]]) -> list[base_pb2.HeaderValueOption]:
-    return [
-        _HeaderValueOption(
-            header=_HeaderValue(key=key, value=value),
-            append=_APPEND_FALSE,
-            append_action=_OVERWRITE,
-        )
-        for key, value in pairs
-    ]
+def _add_headers(
+    target: RepeatedCompositeFieldContainer[base_pb2.HeaderValueOption],
+    pairs: Iterable[tuple[str, str]],
+) -> None:
+    # ``add`` with a dict for the header measured fastest (about 1 us per header) of extend(),
+    # kwargs construction and field-by-field assignment.
+    add = target.add
+    for key, value in pairs:
+        add(header={"key": key, "value": value}, append=_APPEND_FALSE, append_action=_OVERWRITE)
 
 
 def decision_to_response(d: Decision) -> CheckResponse:
@@ -119,7 +119,7 @@ def decision_to_response(d: Decision) -> CheckResponse:
         ok = resp.ok_response
         ok.SetInParent()  # the oneof must say "ok" even with nothing to add or remove
         if d.upstream_headers:
-            ok.headers.extend(_header_options(d.upstream_headers))
+            _add_headers(ok.headers, d.upstream_headers)
         if d.remove_headers:
             ok.headers_to_remove.extend(d.remove_headers)
     else:
@@ -128,9 +128,11 @@ def decision_to_response(d: Decision) -> CheckResponse:
         # The enum is open (proto3): any HTTP status number is valid on the wire.
         denied.status.code = cast(http_status_pb2.StatusCode, d.status)
         if d.response_headers:
-            denied.headers.extend(_header_options(d.response_headers))
+            _add_headers(denied.headers, d.response_headers)
         if d.body:
             denied.body = d.body.decode("utf-8", "replace")
     if d.metadata:
-        resp.dynamic_metadata.update(d.metadata)
+        fields = resp.dynamic_metadata.fields  # faster than Struct.update() for string values
+        for key, value in d.metadata.items():
+            fields[key].string_value = value
     return resp

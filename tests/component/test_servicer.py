@@ -85,7 +85,8 @@ async def test_a_raising_check_becomes_the_503_internal_error_deny() -> None:
 
 
 async def test_a_broken_request_becomes_the_internal_error_deny() -> None:
-    got = await AuthorizationServicer(Recorder(), new_id=lambda: "d-x").Check(None, None)
+    servicer = AuthorizationServicer(Recorder(), new_id=lambda: "d-x")
+    got = await servicer.Check(None, None)  # type: ignore[arg-type]
     assert got == decision_to_response(internal_error("d-x", ""))
 
 
