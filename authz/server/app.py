@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from authz.server import servicer as servicer_mod
 from authz.server.http import HttpCheckServer
@@ -27,7 +26,7 @@ from authz.service import Service
 
 log = logging.getLogger("authz.app")
 
-SERVICE_NAME = "envoy.service.auth.v3.Authorization"
+SERVICE_NAME = servicer_mod.SERVICE_NAME
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -118,6 +117,7 @@ class App:
         self._admin = AdminServer(metrics_body=metrics_body, ready=lambda: service.ready)
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
+        self._stopped = False
         self._tasks: list[asyncio.Task[None]] = []
         self.grpc_port = 0
         self.http_port = 0
@@ -138,7 +138,7 @@ class App:
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
             servicer_mod.enable_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+                self._grpc, health_pb2.DESCRIPTOR.services_by_name["Health"]
             )
             self.grpc_port = self._grpc.add_insecure_port(self.grpc_listen)
             await self._grpc.start()
@@ -209,7 +209,10 @@ class App:
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING first (Envoy's health checks move away), then stop accepting and
-        let in-flight checks finish within the grace period."""
+        let in-flight checks finish within the grace period. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self.service.shutting_down = True
         await self._set_health(serving=False)
