@@ -132,7 +132,8 @@ async def test_serving_health_metrics_and_a_check(running: Running, idp: DevIdP)
     body = (await running.admin("/metrics")).text
     assert 'authz_checks_total{api="orders",code="ok",decision="allow",route="read"} 1.0' in body
     assert "authz_check_duration_seconds_bucket" in body
-    assert "authz_jwks_keys" in body and "authz_build_info" in body
+    assert "authz_jwks_keys" in body
+    assert "authz_build_info" in body
     audit = running.audit.getvalue().splitlines()
     assert len(audit) == 2
     assert '"code":"missing_token"' in audit[1]
