@@ -1,0 +1,109 @@
+"""A bounded, time-limited cache of verified token identities, keyed by ``sha256(token)``.
+
+What is cached is the *API-independent* result of a verification: the ``Principal`` (its
+``provider`` names the issuer that vouched for it) and the ``kid`` of the key that signed it.
+Everything that depends on the API asking (is this issuer one of the API's, is ``aud`` one of its
+audiences, the scp/roles policy) is re-checked on every hit by ``authz.identity.entra``, as is
+"is the signing key still in the issuer's current key snapshot" (so tokens signed by a retired
+key stop passing as soon as a refresh drops the key).
+
+An entry lives at most ``min(exp + clock skew, now + max_ttl_s)``; the cache holds at most
+``max_entries`` entries and evicts the least recently used. Denials are never cached.
+
+Pure module: no grpc, prometheus, asyncio or network imports. Not locked: used from one event
+loop thread (each worker process has its own cache).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from authz.policy.model import Principal
+
+__all__ = ["CachedIdentity", "ClaimsCache"]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedIdentity:
+    principal: Principal
+    kid: str  # the signing key; the entry is void once the issuer's snapshot drops it
+
+
+class ClaimsCache:
+    """LRU of ``sha256(token).digest() -> CachedIdentity`` with per-entry deadlines.
+
+    ``hits``, ``misses`` and ``len()`` feed the metrics (``Service.sync_cache_metrics``).
+    """
+
+    __slots__ = ("_clock", "_entries", "evictions", "hits", "max_entries", "max_ttl_s", "misses")
+
+    def __init__(
+        self,
+        max_entries: int,
+        max_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_entries < 1 or max_ttl_s <= 0:
+            raise ValueError("a ClaimsCache needs max_entries >= 1 and max_ttl_s > 0")
+        self.max_entries = max_entries
+        self.max_ttl_s = max_ttl_s
+        self._clock = clock
+        self._entries: OrderedDict[bytes, tuple[float, CachedIdentity]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> CachedIdentity | None:
+        item = self._entries.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        deadline, value = item
+        if self._clock() >= deadline:
+            self._entries.pop(key, None)
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: bytes, value: CachedIdentity, valid_until: float) -> None:
+        """Store ``value`` until ``valid_until`` (wall clock, e.g. ``exp + skew``), capped by
+        ``max_ttl_s`` from now. Nothing is stored when that deadline has already passed."""
+        now = self._clock()
+        deadline = min(valid_until, now + self.max_ttl_s)
+        if deadline <= now:
+            return
+        entries = self._entries
+        entries[key] = (deadline, value)
+        entries.move_to_end(key)
+        while len(entries) > self.max_entries:
+            entries.popitem(last=False)
+            self.evictions += 1
+
+    def invalidate_key(self, issuer: str, kid: str) -> int:
+        """Drop every entry vouched for by ``issuer`` with key ``kid``; returns how many.
+
+        Not needed for correctness (hits re-check the kid against the current snapshot), but lets
+        a key store free memory eagerly when it retires a key."""
+        doomed = [
+            k
+            for k, (_, v) in self._entries.items()
+            if v.kid == kid and v.principal.provider == issuer
+        ]
+        for k in doomed:
+            self._entries.pop(k, None)
+        return len(doomed)
+
+    def clear(self) -> None:
+        self._entries.clear()
