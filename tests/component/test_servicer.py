@@ -163,3 +163,15 @@ async def test_reflection_serves_our_service_from_the_private_pool(
     }
     assert answers[1].file_descriptor_response.file_descriptor_proto  # found, not an error
     assert answers[2].file_descriptor_response.file_descriptor_proto
+
+
+async def test_default_decision_ids_are_random_hex() -> None:
+    async def check(attrs: RequestAttrs) -> Decision:
+        raise RuntimeError("bug")
+
+    servicer = AuthorizationServicer(check)
+    a = (await servicer.Check(request(), None)).dynamic_metadata.fields["decision_id"]
+    b = (await servicer.Check(request(), None)).dynamic_metadata.fields["decision_id"]
+    assert len(a.string_value) == 32
+    assert a.string_value != b.string_value
+    int(a.string_value, 16)

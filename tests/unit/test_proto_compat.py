@@ -350,3 +350,29 @@ def test_generated_code_imports_nothing_top_level_of_ours() -> None:
             assert not line.startswith(("from envoy", "import envoy", "from google.rpc")), name
         if name.endswith("_pb2.py"):
             assert "_descriptor_pool.Default()" not in text, name
+
+
+def test_protogen_main_writes_the_package_where_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pkg"
+    assert _protogen.main(["--out", str(out)]) == 0
+    assert (out / "envoy/service/auth/v3/external_auth_pb2_grpc.py").is_file()
+    assert not (out / "envoy/type/v3/http_status_pb2_grpc.py").exists()  # no service, no file
+    assert str(out / "__init__.py") in capsys.readouterr().out.splitlines()
+
+
+def test_protogen_refuses_an_empty_source_tree(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"no \.proto files"):
+        _protogen.generate(tmp_path / "out", tmp_path)
+
+
+def test_protogen_refuses_protoc_output_it_does_not_understand() -> None:
+    with pytest.raises(RuntimeError, match="default-pool"):
+        _protogen._rewrite_pb2("DESCRIPTOR = something_else()\n")
+
+
+def test_protogen_reports_a_protoc_failure(tmp_path: Path) -> None:
+    (tmp_path / "bad.proto").write_text('syntax = "proto3"; message {')
+    with pytest.raises(RuntimeError, match="protoc failed"):
+        _protogen.generate(tmp_path / "out", tmp_path)
