@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +23,7 @@ from authz.devidp import cli as devidp_cli
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "contoso.onmicrosoft.com"
 JWK_FIELDS = {"kty", "use", "kid", "x5t", "n", "e", "x5c"}
 
@@ -516,3 +522,61 @@ def test_cli_parsers_and_snippet(idp: DevIdP) -> None:
     snippet = devidp_cli.config_snippet(idp)
     assert f'instance: "{idp.base_url}"' in snippet
     assert f'tenant: "{FABRIKAM}"' in snippet
+
+
+_RUN_CLI = (
+    "import argparse, sys\n"
+    "from authz.devidp import cli\n"
+    "p = argparse.ArgumentParser(prog='authz')\n"
+    "cli.register(p.add_subparsers(dest='command', required=True))\n"
+    "a = p.parse_args(sys.argv[1:])\n"
+    "sys.exit(a.func(a))\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "probe"),
+    [
+        (["dev-idp", "serve", "--port", "0", "--tenant", CONTOSO], f"/{CONTOSO}/discovery/keys"),
+        (["echo", "--port", "0"], "/anything"),
+    ],
+    ids=["dev-idp-serve", "echo"],
+)
+def test_cli_servers_run_until_sigterm(argv: list[str], probe: str) -> None:
+    cmd = [sys.executable, "-W", "error", "-c", _RUN_CLI, *argv]
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            url = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+            assert url, line
+            assert httpx.get(url.group(1) + probe, timeout=5).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, err
+    if argv[0] == "dev-idp":
+        assert "NOT FOR PRODUCTION" in err
+        assert "instance:" in out
+
+
+def test_cli_serve_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse("dev-idp", "serve", "--tenant", "not-a-guid")
+    assert args.func(args) == 2
+    args = parse("dev-idp", "serve", "--domain", "nodomain")
+    assert args.func(args) == 2
+    assert "DOMAIN=GUID" in capsys.readouterr().err
+
+
+def test_cli_port_in_use(idp: DevIdP, echo: EchoServer, capsys: pytest.CaptureFixture[str]) -> None:
+    port = str(idp.base_url.rsplit(":", 1)[1])
+    args = parse("dev-idp", "serve", "--port", port)
+    assert args.func(args) == 1
+    args = parse("echo", "--port", str(echo.port))
+    assert args.func(args) == 1
+    assert "cannot listen" in capsys.readouterr().err
