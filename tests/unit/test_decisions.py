@@ -1,0 +1,454 @@
+"""Decision rendering: the identity-header contract on allow, challenges and bodies on deny."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import replace
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+
+from authz.policy.decisions import allow, deny, internal_error, www_authenticate
+from authz.policy.errors import (
+    BadRequest,
+    ClaimsChallenge,
+    Code,
+    Denial,
+    Forbidden,
+    TooManyRequests,
+    Unauthenticated,
+    Unavailable,
+    UnknownSigningKey,
+)
+from authz.policy.headers import claim_header_value, safe_header_value
+from authz.policy.model import (
+    AUTHENTICATED,
+    ApiSpec,
+    HeaderContract,
+    Principal,
+    Route,
+    TokenKind,
+)
+
+CONTRACT = HeaderContract(also_strip=("x-user-email",))
+ROUTE = Route(name="read", path="/orders/{id}", path_kind="template", require=AUTHENTICATED)
+API = ApiSpec(
+    name="orders",
+    audiences=frozenset({"api://orders"}),
+    issuers=("contoso",),
+    routes=(ROUTE,),
+    claim_headers=(("x-user-name", "name"), ("x-groups", "groups"), ("x-missing", "nope")),
+    realm="orders",
+)
+BARE_API = replace(API, claim_headers=(), realm="")
+FORWARDING_API = replace(API, forward_authorization=True, claim_headers=())
+METADATA_API = replace(
+    API, resource_metadata="https://orders.example.com/.well-known/oauth-protected-resource"
+)
+
+STANDARD = ("x-user-id", "x-tenant-id", "x-client-id", "x-roles", "x-scopes", "x-token-kind")
+
+
+def principal(**kw: Any) -> Principal:
+    base = Principal(
+        tid="tid-1",
+        oid="oid-1",
+        sub="sub-1",
+        client_id="azp-1",
+        kind=TokenKind.USER,
+        version="2.0",
+        issuer="https://login.microsoftonline.com/tid-1/v2.0",
+        audience="api://orders",
+        provider="contoso",
+        expires_at=2_000_000_000,
+        roles=frozenset({"B", "A"}),
+        roles_list=("B", "A"),
+        scopes=frozenset({"Orders.Read", "Orders.Write"}),
+        scp="Orders.Read Orders.Write",
+        claims=MappingProxyType({"name": "Ann", "groups": ["g1", "g2"]}),
+    )
+    return replace(base, **kw)
+
+
+def allowed(api: ApiSpec | None, who: Principal | None, **kw: Any) -> Any:
+    return allow(
+        decision_id="d1",
+        request_id="r1",
+        api=api,
+        route=ROUTE,
+        principal=who,
+        contract=CONTRACT,
+        **kw,
+    )
+
+
+# ------------------------------------------------------------------------------------ allow
+
+
+def test_allow_with_principal_sets_the_contract_and_removes_the_rest() -> None:
+    d = allowed(API, principal())
+    assert d.allowed
+    assert (d.status, d.code, d.reason, d.would_deny) == (200, "ok", "allowed", False)
+    assert (d.api, d.route, d.decision_id) == ("orders", "read", "d1")
+    assert d.upstream_headers == (
+        ("x-user-id", "oid-1"),
+        ("x-tenant-id", "tid-1"),
+        ("x-client-id", "azp-1"),
+        ("x-roles", "B,A"),
+        ("x-scopes", "Orders.Read Orders.Write"),
+        ("x-token-kind", "user"),
+        ("x-user-name", "Ann"),
+        ("x-groups", "g1,g2"),
+    )
+    assert d.remove_headers == ("x-user-email", "x-missing", "authorization")
+    assert dict(d.metadata) == {
+        "decision_id": "d1",
+        "api": "orders",
+        "route": "read",
+        "code": "ok",
+        "oid": "oid-1",
+        "tid": "tid-1",
+        "azp": "azp-1",
+    }
+    assert d.response_headers == ()
+    assert d.body == b""
+
+
+def test_anonymous_allow_removes_every_identity_header() -> None:
+    d = allowed(API, None)
+    assert d.upstream_headers == ()
+    assert d.remove_headers == (
+        *STANDARD,
+        "x-user-email",
+        "x-user-name",
+        "x-groups",
+        "x-missing",
+        "authorization",
+    )
+    assert dict(d.metadata) == {
+        "decision_id": "d1",
+        "api": "orders",
+        "route": "read",
+        "code": "ok",
+        "oid": "",
+        "tid": "",
+        "azp": "",
+    }
+
+
+def test_forward_authorization_keeps_the_token_header() -> None:
+    d = allowed(FORWARDING_API, None)
+    assert d.remove_headers == (*STANDARD, "x-user-email")
+
+
+def test_empty_values_are_removed_not_set() -> None:
+    app = principal(kind=TokenKind.APP, scp="", scopes=frozenset(), roles_list=(), claims={})
+    d = allowed(BARE_API, app)
+    assert d.upstream_headers == (
+        ("x-user-id", "oid-1"),
+        ("x-tenant-id", "tid-1"),
+        ("x-client-id", "azp-1"),
+        ("x-token-kind", "app"),
+    )
+    assert d.remove_headers == ("x-roles", "x-scopes", "x-user-email", "authorization")
+
+
+def test_configured_header_names_are_used_lower_case() -> None:
+    contract = HeaderContract(user_id="X-Caller", also_strip=("X-Forged",))
+    d = allow(
+        decision_id="d",
+        request_id="",
+        api=None,
+        route=None,
+        principal=None,
+        contract=contract,
+    )
+    assert d.remove_headers == ("x-caller", *STANDARD[1:], "x-forged", "authorization")
+    assert (d.api, d.route) == ("", "")
+
+
+def test_dry_run_allow_carries_the_would_deny_code() -> None:
+    d = allowed(API, principal(), would_deny=Forbidden(Code.MISSING_ROLE))
+    assert d.allowed
+    assert d.status == 200
+    assert d.would_deny
+    assert d.code == "missing_role"
+    assert d.metadata["code"] == "missing_role"
+    assert ("x-user-id", "oid-1") in d.upstream_headers
+
+
+def test_unsafe_values_are_percent_encoded() -> None:
+    who = principal(
+        oid="a\r\nx-evil: 1",
+        roles_list=("Re,ader", "ok"),
+        scp=" padded ",
+        claims=MappingProxyType({"name": "Jos\u00e9 100%", "groups": ["a,b", "\x00"]}),
+    )
+    headers = dict(allowed(API, who).upstream_headers)
+    assert headers["x-user-id"] == "a%0D%0Ax-evil: 1"
+    assert headers["x-roles"] == "Re%2Cader,ok"
+    assert headers["x-scopes"] == "%20padded%20"
+    assert headers["x-user-name"] == "Jos%C3%A9 100%25"
+    assert headers["x-groups"] == "a%2Cb,%00"
+    assert unquote(headers["x-user-name"]) == "Jos\u00e9 100%"
+    assert [unquote(v) for v in headers["x-roles"].split(",")] == ["Re,ader", "ok"]
+
+
+SAFE = [
+    ("guid", "11111111-1111-4111-8111-111111111111", "11111111-1111-4111-8111-111111111111"),
+    ("inner space", "a b", "a b"),
+    ("percent", "50%", "50%25"),
+    ("tab", "a\tb", "a%09b"),
+    ("DEL", "a\x7fb", "a%7Fb"),
+    ("emoji", "\U0001f600", "%F0%9F%98%80"),
+    ("lone surrogate", "\ud800", "%ED%A0%80"),
+    ("leading space", " a", "%20a"),
+    ("only a space", " ", "%20"),
+    ("comma outside lists", "a,b", "a,b"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [s[1:] for s in SAFE], ids=[s[0] for s in SAFE])
+def test_safe_header_value(raw: str, expected: str) -> None:
+    assert safe_header_value(raw) == expected
+
+
+CLAIMS = [
+    ("string", "x", "x"),
+    ("list of strings", ["a", "b"], "a,b"),
+    ("list of mixed", ["a", 1, True, None], "a,1,true,null"),
+    ("tuple", ("a",), "a"),
+    ("int", 42, "42"),
+    ("bool", False, "false"),
+    ("object", {"b": 1, "a": "x"}, '{"a":"x","b":1}'),
+    ("non-ascii object", {"n": "\u00e9"}, '{"n":"%C3%A9"}'),
+    ("null", None, ""),
+    ("empty list", [], ""),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), [c[1:] for c in CLAIMS], ids=[c[0] for c in CLAIMS])
+def test_claim_header_value(value: Any, expected: str) -> None:
+    assert claim_header_value(value) == expected
+
+
+# ------------------------------------------------------------------------------------- deny
+
+
+def denied(denial: Denial, api: ApiSpec | None = API, **kw: Any) -> Any:
+    return deny(denial, decision_id="d2", request_id="req-1", api=api, route=ROUTE, **kw)
+
+
+CLAIMS_JSON = '{"access_token":{"acrs":{"essential":true,"value":"c1"}}}'
+CLAIMS_B64 = base64.b64encode(CLAIMS_JSON.encode()).decode()
+ENTRA_AUTHORIZE = "https://login.microsoftonline.com/common/oauth2/authorize"
+
+DENIALS = [
+    (
+        "missing token",
+        Unauthenticated(Code.MISSING_TOKEN),
+        API,
+        401,
+        "invalid_token",
+        'Bearer realm="orders"',
+    ),
+    (
+        "expired token",
+        Unauthenticated(Code.TOKEN_EXPIRED),
+        API,
+        401,
+        "invalid_token",
+        'Bearer realm="orders", error="invalid_token", error_description="\'exp\' is in the past '
+        'beyond the clock skew"',
+    ),
+    (
+        "unknown key",
+        UnknownSigningKey("contoso"),
+        API,
+        401,
+        "invalid_token",
+        'Bearer realm="orders", error="invalid_token", error_description="no key with this \'kid\' '
+        'for the issuer, even after a refresh"',
+    ),
+    (
+        "claims challenge",
+        ClaimsChallenge(Code.AUTH_CONTEXT_REQUIRED, claims_json=CLAIMS_JSON),
+        API,
+        401,
+        "insufficient_claims",
+        f'Bearer realm="", authorization_uri="{ENTRA_AUTHORIZE}", error="insufficient_claims", '
+        f'claims="{CLAIMS_B64}"',
+    ),
+    (
+        "missing scope",
+        Forbidden(Code.MISSING_SCOPE, required_scope="Orders.Read"),
+        API,
+        403,
+        "insufficient_scope",
+        'Bearer realm="orders", error="insufficient_scope", scope="Orders.Read"',
+    ),
+    (
+        "missing role with several",
+        Forbidden(Code.MISSING_ROLE, required_scope="A B"),
+        API,
+        403,
+        "insufficient_scope",
+        'Bearer realm="orders", error="insufficient_scope", scope="A B"',
+    ),
+    (
+        "403 without scope",
+        Forbidden(Code.MISSING_GROUP),
+        API,
+        403,
+        "insufficient_scope",
+        'Bearer realm="orders", error="insufficient_scope"',
+    ),
+    ("no matching route", Forbidden(Code.NO_MATCHING_ROUTE), API, 403, "access_denied", None),
+    ("unknown api", Forbidden(Code.UNKNOWN_API), None, 403, "access_denied", None),
+    (
+        "bad path",
+        BadRequest(Code.NON_CANONICAL_PATH, "encoded '/' in path"),
+        API,
+        400,
+        "invalid_request",
+        'Bearer realm="orders", error="invalid_request"',
+    ),
+    (
+        "realm falls back to the api name",
+        BadRequest(Code.INVALID_REQUEST),
+        BARE_API,
+        400,
+        "invalid_request",
+        'Bearer realm="orders", error="invalid_request"',
+    ),
+    (
+        "realm falls back to the service",
+        Unauthenticated(Code.MISSING_TOKEN),
+        None,
+        401,
+        "invalid_token",
+        'Bearer realm="entra-authz"',
+    ),
+    ("rate limited", TooManyRequests(Code.RATE_LIMITED), API, 429, "rate_limited", None),
+    (
+        "keys unavailable",
+        Unavailable(Code.KEYS_UNAVAILABLE),
+        API,
+        503,
+        "temporarily_unavailable",
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("denial", "api", "status", "error", "challenge"),
+    [d[1:] for d in DENIALS],
+    ids=[d[0] for d in DENIALS],
+)
+def test_deny(
+    denial: Denial, api: ApiSpec | None, status: int, error: str, challenge: str | None
+) -> None:
+    d = denied(denial, api)
+    assert not d.allowed
+    assert d.status == status
+    assert d.code == denial.code.value
+    assert d.reason == denial.reason
+    expected_headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
+    if challenge is not None:
+        expected_headers = (("www-authenticate", challenge), *expected_headers)
+    assert d.response_headers == expected_headers
+    assert d.body == (
+        f'{{"error":"{error}","code":"{denial.code.value}","request_id":"req-1"}}'.encode()
+    )
+    assert d.upstream_headers == ()
+    assert d.remove_headers == ()
+    assert d.metadata["code"] == denial.code.value
+    assert d.metadata["decision_id"] == "d2"
+
+
+def test_deny_metadata_names_the_principal_when_known() -> None:
+    d = denied(Forbidden(Code.MISSING_ROLE), principal=principal())
+    assert dict(d.metadata) == {
+        "decision_id": "d2",
+        "api": "orders",
+        "route": "read",
+        "code": "missing_role",
+        "oid": "oid-1",
+        "tid": "tid-1",
+        "azp": "azp-1",
+    }
+    assert d.principal is not None
+
+
+def test_resource_metadata_is_added_to_every_challenge() -> None:
+    suffix = ', resource_metadata="https://orders.example.com/.well-known/oauth-protected-resource"'
+    for denial in (
+        Unauthenticated(Code.MISSING_TOKEN),
+        Unauthenticated(Code.BAD_SIGNATURE),
+        Forbidden(Code.MISSING_SCOPE, required_scope="S"),
+        BadRequest(Code.INVALID_REQUEST),
+        ClaimsChallenge(Code.AUTH_CONTEXT_REQUIRED, claims_json=CLAIMS_JSON),
+    ):
+        challenge = www_authenticate(denial, METADATA_API)
+        assert challenge is not None
+        assert challenge.endswith(suffix)
+        assert challenge.count("resource_metadata=") == 1
+
+
+def test_configured_authorization_uri_is_used() -> None:
+    d = denied(
+        ClaimsChallenge(Code.AUTH_CONTEXT_REQUIRED, claims_json=CLAIMS_JSON),
+        authorization_uri="https://login.microsoftonline.us/common/oauth2/authorize",
+    )
+    challenge = dict(d.response_headers)["www-authenticate"]
+    assert (
+        'authorization_uri="https://login.microsoftonline.us/common/oauth2/authorize"' in challenge
+    )
+    claims = challenge.split('claims="')[1].rstrip('"')
+    assert json.loads(base64.b64decode(claims)) == json.loads(CLAIMS_JSON)
+
+
+def test_challenge_values_are_quote_escaped_and_cleaned() -> None:
+    odd = replace(API, realm='a "quoted" \\ realm\r\n')
+    challenge = www_authenticate(Unauthenticated(Code.MISSING_TOKEN), odd)
+    assert challenge == 'Bearer realm="a \\"quoted\\" \\\\ realm"'
+
+
+def test_error_descriptions_never_contain_quotes_or_backslashes() -> None:
+    for code in Code:
+        challenge = www_authenticate(Unauthenticated(code), API)
+        if challenge is None or "error_description" not in challenge:
+            continue
+        description = challenge.split('error_description="')[1][:-1]
+        assert '"' not in description
+        assert "\\" not in description
+
+
+def test_challenges_are_cached_per_api() -> None:
+    first = www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="S"), API)
+    again = www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="S"), API)
+    assert first is again
+    other = www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="S"), BARE_API)
+    assert other == first  # same realm text, different API object: rendered separately
+    assert www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="T"), API) != first
+
+
+def test_no_token_contents_in_any_deny() -> None:
+    d = denied(Unauthenticated(Code.MALFORMED_TOKEN), principal=principal(oid="secret-oid"))
+    rendered = repr(d.response_headers) + d.body.decode()
+    assert "secret-oid" not in rendered
+
+
+def test_internal_error_is_a_503_deny() -> None:
+    d = internal_error("d9", "req-9")
+    assert (d.allowed, d.status, d.code) == (False, 503, "internal_error")
+    assert (
+        d.body
+        == b'{"error":"temporarily_unavailable","code":"internal_error","request_id":"req-9"}'
+    )
+    assert d.response_headers == (("content-type", "application/json"),)
+    assert dict(d.metadata) == {"decision_id": "d9", "code": "internal_error"}
