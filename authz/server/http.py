@@ -47,6 +47,7 @@ __all__ = [
     "ErrorHook",
     "HttpCheckServer",
     "HttpLimits",
+    "UnsafeHeaderError",
     "render_decision",
 ]
 
@@ -300,7 +301,11 @@ class _HttpCheckProtocol(asyncio.Protocol):
             self._closing = True
             self._maybe_close()
         except httptools.HttpParserError:
-            self._reject(400)
+            if self._closing:
+                # llhttp refuses data after a "connection: close" request: not ours to answer.
+                self._maybe_close()
+            else:
+                self._reject(400)
         except Exception:
             log.exception("http transport bug while reading a request")
             self._reject(400)
