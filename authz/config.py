@@ -522,7 +522,7 @@ def _compile_check(apis: Sequence[ApiSpec], problems: list[str], warnings: list[
         except ValueError as e:
             problems.append(f"apis[{i}].routes: {e}")
             continue
-        warnings.extend(f"apis[{i}] ({api.name}): {w}" for w in routes_mod.unreachable_routes(api))
+        warnings.extend(routes_mod.unreachable_routes(api))
 
 
 def from_mapping(data: Any, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:

@@ -1,0 +1,126 @@
+"""Configuration: the example loads; every kind of mistake is reported with its key path;
+the CLI exits 2 on a bad file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authz import cli
+from authz import config as config_mod
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+issuers:
+  - {name: contoso, tenant: 11111111-1111-4111-8111-111111111111}
+apis:
+  - name: orders
+    audiences: [api://orders]
+    issuers: [contoso]
+    routes:
+      - {name: r, path: /x, require: authenticated}
+"""
+
+
+def test_example_config_loads() -> None:
+    s = config_mod.load(ROOT / "config" / "example.yaml", env={})
+    assert [a.name for a in s.apis] == ["orders"]
+    assert s.issuer("partners").multi_tenant
+    assert s.tokens.clock_skew_s == 60
+    read = s.apis[0].routes[1]
+    assert read.path_kind == "template"
+    assert len(read.require.any_of) == 2
+
+
+def test_minimal_defaults() -> None:
+    s = config_mod.parse(MINIMAL, env={})
+    assert s.server.grpc_listen == "127.0.0.1:9001"
+    assert s.apis[0].default is None
+    assert s.headers.user_id == "x-user-id"
+
+
+def test_env_overrides_listen_addresses() -> None:
+    s = config_mod.parse(MINIMAL, env={"AUTHZ_GRPC_LISTEN": "0.0.0.0:7000", "AUTHZ_WORKERS": "3"})
+    assert s.server.grpc_listen == "0.0.0.0:7000"
+    assert s.server.workers == 3
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        (
+            ("require: authenticated", "require: {roles_any: Admin}"),
+            "apis[0].routes[0].require.roles_any: expected a list of strings",
+        ),
+        (("require: authenticated", "require: anonymus"), "apis[0].routes[0].require: expected"),
+        (("path: /x", "path: x"), "apis[0].routes[0].path: must start with '/'"),
+        (("path: /x", "path: '/x/{id}/{id}'"), "apis[0].routes"),
+        (("issuers: [contoso]", "issuers: [nope]"), "apis[0].issuers[0]: no issuer named 'nope'"),
+        (
+            ("audiences: [api://orders]", "audiences: api://orders"),
+            "apis[0].audiences: expected a list",
+        ),
+        (
+            ("tenant: 11111111-1111-4111-8111-111111111111", "tenant: common"),
+            "issuers[0].allowed_tenants: required for a multi-tenant issuer",
+        ),
+        (("name: contoso,", "name: contoso, bogus: 1,"), "issuers[0].bogus: unknown key"),
+        (
+            ("name: contoso,", 'name: contoso, instance: "http://login.example.com",'),
+            "issuers[0].instance: plain http is only allowed for a local dev-idp",
+        ),
+        (("{name: r,", "{name: r, methods: [get],"), "apis[0].routes[0].methods"),
+        (
+            ("{name: r,", "{name: r, path_prefix: /y,"),
+            "set exactly one of 'path' and 'path_prefix'",
+        ),
+    ],
+    ids=[
+        "roles-not-list",
+        "bad-require",
+        "relative-path",
+        "bad-template",
+        "unknown-issuer",
+        "audiences-not-list",
+        "multi-tenant-needs-allowlist",
+        "unknown-key",
+        "plain-http",
+        "lowercase-method",
+        "path-and-prefix",
+    ],
+)
+def test_errors_name_the_key(mutation: tuple[str, str], expected: str) -> None:
+    text = MINIMAL.replace(*mutation)
+    assert text != MINIMAL
+    with pytest.raises(config_mod.ConfigError) as err:
+        config_mod.parse(text, env={})
+    assert any(expected in p for p in err.value.problems), err.value.problems
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    with pytest.raises(config_mod.ConfigError, match="line 1"):
+        config_mod.parse("apis: [", env={})
+
+
+def test_unreachable_route_is_a_warning() -> None:
+    text = MINIMAL.replace(
+        "      - {name: r, path: /x, require: authenticated}",
+        "      - {name: all, path_prefix: /, require: authenticated}\n"
+        "      - {name: r, path: /x, require: authenticated}",
+    )
+    s = config_mod.parse(text, env={})
+    assert any("routes[1] (r) is unreachable" in w for w in s.warnings), s.warnings
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(MINIMAL)
+    assert cli.main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MINIMAL.replace("require: authenticated", "require: {roles_any: Admin}"))
+    assert cli.main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "apis[0].routes[0].require.roles_any: expected a list of strings" in err
+    assert cli.main(["check-config", str(tmp_path / "missing.yaml")]) == 2
