@@ -1,0 +1,485 @@
+"""Signing keys of the configured Entra issuers: discovery, JWKS, immutable snapshots, refresh.
+
+The I/O side of token verification. ``KeyStore`` implements ``KeySource`` (see
+``authz.identity.entra``): the hot path only ever reads ``snapshot(issuer)``, a dict lookup that
+returns an immutable ``KeySnapshot``; fetching happens beside it:
+
+* ``start()``: the initial fetch of every issuer, concurrently (failures are logged, not raised;
+  ``ready`` says whether every issuer has keys);
+* ``start_background()``: one task per issuer refreshing every ``refresh_interval_s`` ± jitter
+  (sooner, with backoff, while the issuer has failed);
+* ``refresh_unknown_kid(issuer)``: the transport's synchronous refresh on an unknown ``kid``;
+  single-flight and at most once per ``unknown_kid_min_interval_s`` per issuer, so a flood of
+  random kids costs at most one fetch per interval.
+
+A fetch reads, for each accepted token version, the discovery document
+(``{instance}/{tenant}/v2.0/.well-known/openid-configuration`` or, for v1,
+``{instance}/{tenant}/.well-known/openid-configuration``, plus ``?{metadata_query}``) and its
+``jwks_uri``, parses everything (``parse_discovery``, ``parse_jwks``: pure, unit-tested), builds
+one ``PyJWK`` per key and swaps in a new snapshot in one assignment. A garbled document or JWKS is
+rejected whole and a failed fetch keeps the last good snapshot: keys are never partially applied
+and never emptied.
+
+Multi-tenant issuers (``common``/``organizations``): we fetch the tenant-independent documents,
+whose ``issuer`` is the ``{tenantid}`` template, and their JWKS, and admit tenants through the
+configured ``allowed_tenants``. Entra publishes the same signing keys for every tenant of a cloud
+today; per-tenant discovery (Microsoft's advice for the day that changes) would mean one fetch per
+allowed tenant and is left for when it is needed.
+
+Logs to the ``authz.keys`` logger: URLs, issuer names, key counts; never key material or tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+
+from authz.identity.entra import GUID_RE, KID_RE, KeySnapshot, SigningKey
+from authz.policy.model import IssuerSpec
+
+__all__ = [
+    "FetchFailed",
+    "GarbledDiscovery",
+    "GarbledJwks",
+    "KeyFetchError",
+    "KeySnapshot",
+    "KeyStore",
+    "RefreshObserver",
+    "SigningKey",
+    "build_snapshot",
+    "discovery_url",
+    "merge_keys",
+    "parse_discovery",
+    "parse_jwks",
+]
+
+log = logging.getLogger("authz.keys")
+
+MAX_DOCUMENT_BYTES = 512 * 1024  # Entra's documents are a few KB; never buffer an unbounded body
+MIN_RSA_BITS = 2048
+RETRY_BASE_S = 5.0  # first retry after a failed refresh; doubles up to refresh_interval_s
+_GUID_SEGMENT = re.compile(
+    r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?=/|$)"
+)
+_TEMPLATE = "{tenantid}"
+_OK = ("ok", "unchanged")
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+class KeyFetchError(Exception):
+    """Keys for an issuer could not be (re)loaded. The last good snapshot stays in place.
+
+    KeyFetchError
+    ├── FetchFailed       transport error, timeout, non-200 status, oversized body
+    ├── GarbledDiscovery  the discovery document is not what Entra publishes
+    └── GarbledJwks       the JWKS is not JSON, has the wrong shape, bad or no usable keys
+    """
+
+    result = "error"  # the observer's label
+
+
+class FetchFailed(KeyFetchError):
+    result = "error"
+
+
+class GarbledDiscovery(KeyFetchError):
+    result = "garbled"
+
+
+class GarbledJwks(KeyFetchError):
+    result = "garbled"
+
+
+class RefreshObserver(Protocol):
+    def on_refresh(self, issuer: str, result: str, keys: int) -> None:
+        """``result``: "ok" (new keys installed), "unchanged", "error" or "garbled"."""
+        ...
+
+
+# ---------------------------------------------------------------------------- pure parsing
+
+
+def discovery_url(spec: IssuerSpec, version: str) -> str:
+    base = f"{spec.instance}/{spec.tenant}"
+    url = (
+        f"{base}/v2.0/.well-known/openid-configuration"
+        if version == "2.0"
+        else f"{base}/.well-known/openid-configuration"
+    )
+    return f"{url}?{spec.metadata_query}" if spec.metadata_query else url
+
+
+def _load_object(raw: bytes, what: str, error: type[KeyFetchError]) -> dict[str, Any]:
+    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(pairs)
+        if len(d) != len(pairs):
+            raise error(f"{what}: duplicate keys")
+        return d
+
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dupes)
+    except KeyFetchError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise error(f"{what}: not JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{what}: not a JSON object")
+    return doc
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("https", "http") and bool(parts.netloc)
+
+
+def parse_discovery(
+    doc: bytes, expected_version: str, *, instance: str | None = None
+) -> tuple[str, str]:
+    """``(issuer, jwks_uri)`` of an OpenID discovery document, checked for shape.
+
+    ``issuer`` must be the form of ``expected_version`` (v2 ends in ``/v2.0``, v1 does not) and
+    name its tenant: a tenant-id GUID or the ``{tenantid}`` template. When ``instance`` is given,
+    ``jwks_uri`` must be on the same scheme and host (keys never come from elsewhere: no
+    ``file:``/``data:`` URIs, no other cloud).
+    """
+    what = f"v{expected_version} discovery document"
+    d = _load_object(doc, what, GarbledDiscovery)
+    issuer, jwks_uri = d.get("issuer"), d.get("jwks_uri")
+    if not isinstance(issuer, str) or not _is_http_url(issuer):
+        raise GarbledDiscovery(f"{what}: 'issuer' is missing or not an http(s) URL")
+    if not isinstance(jwks_uri, str) or not _is_http_url(jwks_uri):
+        raise GarbledDiscovery(f"{what}: 'jwks_uri' is missing or not an http(s) URL")
+    if issuer.endswith("/v2.0") != (expected_version == "2.0"):
+        raise GarbledDiscovery(f"{what}: issuer {issuer!r} is not a v{expected_version} issuer")
+    if _TEMPLATE not in issuer and not _GUID_SEGMENT.search(issuer):
+        raise GarbledDiscovery(f"{what}: issuer {issuer!r} names no tenant id")
+    if instance is not None:
+        want, got = urlsplit(instance), urlsplit(jwks_uri)
+        if (got.scheme, got.netloc.lower()) != (want.scheme, want.netloc.lower()):
+            raise GarbledDiscovery(f"{what}: jwks_uri {jwks_uri!r} is not on {instance}")
+    return issuer, jwks_uri
+
+
+def _b64uint(value: Any, field: str, kid: str) -> int:
+    if not isinstance(value, str) or not value or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise GarbledJwks(f"key {kid!r}: '{field}' is not base64url")
+    return int.from_bytes(jwt.utils.base64url_decode(value), "big")
+
+
+def parse_jwks(doc: bytes, version: str) -> dict[str, SigningKey]:
+    """Usable RSA signing keys of a JWKS, by ``kid``. All or nothing: a document that is not
+    JSON, has the wrong shape, a duplicate or malformed ``kid``, bad ``n``/``e``, a key under
+    2048 bits, private key material, or no usable RSA key at all raises ``GarbledJwks``.
+    Keys for other uses or types (``use`` other than ``sig``, non-RSA ``kty``) are skipped.
+    ``issuer`` is read only from v2 documents (v1 keys have none)."""
+    what = f"v{version} JWKS"
+    d = _load_object(doc, what, GarbledJwks)
+    entries = d.get("keys")
+    if not isinstance(entries, list):
+        raise GarbledJwks(f"{what}: 'keys' is not an array")
+    keys: dict[str, SigningKey] = {}
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise GarbledJwks(f"{what}: a key is not an object")
+        if entry.get("kty") != "RSA" or entry.get("use", "sig") != "sig":
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not KID_RE.fullmatch(kid):
+            raise GarbledJwks(f"{what}: a key has no valid 'kid'")
+        if kid in keys:
+            raise GarbledJwks(f"{what}: duplicate kid {kid!r}")
+        if any(p in entry for p in ("d", "p", "q", "dp", "dq", "qi", "oth")):
+            raise GarbledJwks(f"{what}: key {kid!r} carries private key material")
+        alg = entry.get("alg")
+        if alg is not None and alg != "RS256":
+            continue  # Entra publishes no 'alg'; a key pinned to another algorithm is not ours
+        n, e = entry.get("n"), entry.get("e")
+        if _b64uint(n, "n", kid).bit_length() < MIN_RSA_BITS:
+            raise GarbledJwks(f"{what}: key {kid!r} is shorter than {MIN_RSA_BITS} bits")
+        exponent = _b64uint(e, "e", kid)
+        if exponent < 3 or exponent % 2 == 0:
+            raise GarbledJwks(f"{what}: key {kid!r} has a bad exponent")
+        issuer: str | None = None
+        if version == "2.0" and "issuer" in entry:
+            issuer = entry["issuer"]
+            if not isinstance(issuer, str) or not _is_http_url(issuer):
+                raise GarbledJwks(f"{what}: key {kid!r} has a bad 'issuer'")
+        try:
+            # A minimal JWK: nothing but the public numbers reaches the parser.
+            pyjwk = jwt.PyJWK({"kty": "RSA", "kid": kid, "n": n, "e": e}, algorithm="RS256")
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise GarbledJwks(f"{what}: key {kid!r} is unusable ({type(exc).__name__})") from None
+        keys[kid] = SigningKey(kid=kid, jwk=pyjwk, issuer=issuer, fingerprint=(str(n), str(e)))
+    if not keys:
+        raise GarbledJwks(f"{what}: no usable RSA signing key")
+    return keys
+
+
+def merge_keys(per_version: Mapping[str, Mapping[str, SigningKey]]) -> dict[str, SigningKey]:
+    """One key set from the v1 and v2 JWKS. Entra lists the same keys in both; the v2 entry wins
+    (it carries ``issuer``). The same kid with different numbers is garbled."""
+    merged: dict[str, SigningKey] = {}
+    for version in sorted(per_version):  # "1.0" before "2.0": v2 entries replace v1 entries
+        for kid, key in per_version[version].items():
+            old = merged.get(kid)
+            if old is not None and old.fingerprint != key.fingerprint:
+                raise GarbledJwks(f"kid {kid!r} names different keys in the v1 and v2 JWKS")
+            merged[kid] = key
+    return merged
+
+
+def _tenant_id(spec: IssuerSpec, issuers: Mapping[str, str]) -> str | None:
+    """The tenant id a single-tenant issuer's documents name, or None for template documents."""
+    templated = {_TEMPLATE in i for i in issuers.values()}
+    if templated == {True}:
+        return None
+    if templated != {False}:
+        raise GarbledDiscovery(f"issuer {spec.name!r}: templated and concrete issuers mixed")
+    tids = {m.group(1) for i in issuers.values() for m in _GUID_SEGMENT.finditer(i)}
+    if len(tids) != 1:
+        raise GarbledDiscovery(f"issuer {spec.name!r}: documents name {len(tids)} tenant ids")
+    tid = tids.pop()
+    if GUID_RE.fullmatch(spec.tenant) and spec.tenant != tid:
+        raise GarbledDiscovery(f"issuer {spec.name!r}: documents are for another tenant")
+    return tid
+
+
+def build_snapshot(
+    spec: IssuerSpec,
+    documents: Mapping[str, tuple[str, Mapping[str, SigningKey]]],
+    fetched_at: float,
+) -> KeySnapshot:
+    """A snapshot from ``{version: (issuer, keys)}`` (pure; raises ``KeyFetchError``)."""
+    issuers = {v: iss for v, (iss, _) in documents.items()}
+    keys = merge_keys({v: k for v, (_, k) in documents.items()})
+    return KeySnapshot(
+        issuer=spec.name,
+        tenant_id=_tenant_id(spec, issuers),
+        issuers=issuers,
+        keys=keys,
+        fetched_at=fetched_at,
+    )
+
+
+def _same(a: KeySnapshot, b: KeySnapshot) -> bool:
+    return (
+        a.tenant_id == b.tenant_id
+        and dict(a.issuers) == dict(b.issuers)
+        and {k: (v.fingerprint, v.issuer) for k, v in a.keys.items()}
+        == {k: (v.fingerprint, v.issuer) for k, v in b.keys.items()}
+    )
+
+
+# ---------------------------------------------------------------------------------- key store
+
+
+class KeyStore:
+    """Per-issuer key snapshots over HTTP. Owns its refresh tasks; the ``httpx.AsyncClient`` is
+    the caller's (the app owns its lifecycle)."""
+
+    def __init__(
+        self,
+        issuers: Iterable[IssuerSpec],
+        client: httpx.AsyncClient,
+        *,
+        observer: RefreshObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rand: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self._specs = {s.name: s for s in issuers}
+        self._client = client
+        self._observer = observer
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rand = rand
+        self._snapshots: dict[str, KeySnapshot] = {}
+        self._inflight: dict[str, asyncio.Task[str]] = {}
+        self._last_forced: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._background: list[asyncio.Task[None]] = []
+
+    # ----------------------------------------------------------------------------- KeySource
+
+    def snapshot(self, issuer: str) -> KeySnapshot | None:
+        return self._snapshots.get(issuer)
+
+    @property
+    def ready(self) -> bool:
+        """Every configured issuer has been loaded at least once."""
+        return all(name in self._snapshots for name in self._specs)
+
+    @property
+    def issuers(self) -> tuple[str, ...]:
+        return tuple(self._specs)
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def adopt(self, previous: KeyStore) -> None:
+        """Reuse the snapshots of issuers whose configuration did not change (config reload)."""
+        for name, spec in self._specs.items():
+            snap = previous._snapshots.get(name)
+            if snap is not None and previous._specs.get(name) == spec:
+                self._snapshots[name] = snap
+
+    async def start(self) -> None:
+        """Fetch every issuer not loaded yet, concurrently. Never raises; see ``ready``."""
+        names = [n for n in self._specs if n not in self._snapshots]
+        await asyncio.gather(*(self.refresh(n) for n in names))
+
+    def start_background(self) -> None:
+        """Start the periodic refresh tasks (idempotent)."""
+        if not self._background:
+            self._background = [
+                asyncio.create_task(self._refresh_loop(name), name=f"authz.keys:{name}")
+                for name in self._specs
+            ]
+
+    async def run(self) -> None:
+        """Run the periodic refreshes until cancelled (for callers that manage their tasks)."""
+        await asyncio.gather(*(self._refresh_loop(name) for name in self._specs))
+
+    async def close(self) -> None:
+        tasks = [*self._background, *self._inflight.values()]
+        self._background = []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ------------------------------------------------------------------------------- refresh
+
+    async def refresh(self, issuer: str) -> str:
+        """Fetch one issuer now (single-flight: joins a fetch in progress). Returns the result:
+        "ok", "unchanged", "error" or "garbled"."""
+        task = self._inflight.get(issuer)
+        if task is None:
+            task = asyncio.create_task(self._refresh_now(issuer))
+            self._inflight[issuer] = task
+            task.add_done_callback(lambda t: self._forget(issuer, t))
+        return await asyncio.shield(task)
+
+    async def refresh_unknown_kid(self, issuer: str) -> bool:
+        """The transport met an unknown ``kid`` for ``issuer``: refresh, at most once per
+        ``unknown_kid_min_interval_s`` (a fetch already in progress is joined for free).
+        True when new keys were installed (worth checking the token again)."""
+        spec = self._specs.get(issuer)
+        if spec is None:
+            return False
+        if issuer not in self._inflight:
+            now = self._clock()
+            last = self._last_forced.get(issuer)
+            if last is not None and now - last < spec.unknown_kid_min_interval_s:
+                return False
+            self._last_forced[issuer] = now
+        return await self.refresh(issuer) == "ok"
+
+    def _forget(self, issuer: str, task: asyncio.Task[str]) -> None:
+        if self._inflight.get(issuer) is task:
+            del self._inflight[issuer]
+
+    async def _refresh_now(self, name: str) -> str:
+        spec = self._specs[name]
+        old = self._snapshots.get(name)
+        try:
+            async with asyncio.timeout(spec.fetch_timeout_s * 4):
+                new = await self._fetch(spec)
+        except KeyFetchError as e:
+            result, count = e.result, 0 if old is None else len(old.keys)
+            log.error(
+                "signing keys for issuer %r not refreshed (%s); %s",
+                name,
+                e,
+                "keeping the last good keys" if old else "no keys loaded yet",
+            )
+        except TimeoutError:
+            result, count = "error", 0 if old is None else len(old.keys)
+            log.error("signing keys for issuer %r not refreshed: timed out", name)
+        except Exception:
+            result, count = "error", 0 if old is None else len(old.keys)
+            log.exception("signing keys for issuer %r not refreshed: unexpected error", name)
+        else:
+            result = "unchanged" if old is not None and _same(old, new) else "ok"
+            count = len(new.keys)
+            self._snapshots[name] = new  # the atomic swap
+            if result == "ok":
+                log.info("signing keys for issuer %r loaded: %d key(s)", name, count)
+        self._failures[name] = 0 if result in _OK else self._failures.get(name, 0) + 1
+        if self._observer is not None:
+            try:
+                self._observer.on_refresh(name, result, count)
+            except Exception:
+                log.exception("key refresh observer failed")
+        return result
+
+    async def _fetch(self, spec: IssuerSpec) -> KeySnapshot:
+        versions = sorted(spec.versions)
+        docs = await self._get_all([discovery_url(spec, v) for v in versions], spec)
+        found = [
+            parse_discovery(doc, v, instance=spec.instance)
+            for v, doc in zip(versions, docs, strict=True)
+        ]
+        uris = sorted({uri for _, uri in found})
+        bodies = dict(zip(uris, await self._get_all(uris, spec), strict=True))
+        documents = {
+            v: (issuer, parse_jwks(bodies[uri], v))
+            for v, (issuer, uri) in zip(versions, found, strict=True)
+        }
+        return build_snapshot(spec, documents, self._wall_clock())
+
+    async def _get_all(self, urls: list[str], spec: IssuerSpec) -> list[bytes]:
+        results = await asyncio.gather(*(self._get(u, spec) for u in urls), return_exceptions=True)
+        out: list[bytes] = []
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+            out.append(r)
+        return out
+
+    async def _get(self, url: str, spec: IssuerSpec) -> bytes:
+        try:
+            async with self._client.stream(
+                "GET",
+                url,
+                timeout=spec.fetch_timeout_s,
+                follow_redirects=False,
+                headers={"Accept": "application/json"},
+            ) as response:
+                if response.status_code != 200:
+                    raise FetchFailed(f"GET {url}: HTTP {response.status_code}")
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT_BYTES:
+                        raise FetchFailed(f"GET {url}: body over {MAX_DOCUMENT_BYTES} bytes")
+                return bytes(body)
+        except httpx.HTTPError as e:
+            raise FetchFailed(f"GET {url}: {type(e).__name__}") from None
+        except OSError as e:
+            raise FetchFailed(f"GET {url}: {type(e).__name__}") from None
+
+    async def _refresh_loop(self, name: str) -> None:
+        spec = self._specs[name]
+        while True:
+            failures = self._failures.get(name, 0)
+            if name not in self._snapshots or failures:
+                delay = min(spec.refresh_interval_s, RETRY_BASE_S * 2 ** min(failures, 12))
+                jitter = min(spec.refresh_jitter_s, delay / 2)
+            else:
+                delay, jitter = spec.refresh_interval_s, spec.refresh_jitter_s
+            await asyncio.sleep(max(0.1, delay + self._rand(-jitter, jitter)))
+            await self.refresh(name)
