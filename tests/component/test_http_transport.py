@@ -664,6 +664,8 @@ async def test_real_envoy_http_service(core: FakeCore, echo_backend: int) -> Non
                 "--log-level",
                 "warn",
                 "--disable-hot-restart",
+                "--file-flush-interval-msec",
+                "50",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
