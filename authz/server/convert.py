@@ -74,7 +74,7 @@ def request_to_attrs(req: CheckRequest) -> RequestAttrs:
         scheme=http.scheme,
         headers=headers,
         context=dict(context) if context else EMPTY_MAP,
-        request_id=http.id or headers.get("x-request-id", ""),
+        request_id=headers.get("x-request-id", "") or http.id,
         source_address=attributes.source.address.socket_address.address,
     )
 
@@ -93,7 +93,7 @@ def request_id_of(req: CheckRequest) -> str:
     """The request id for an error response; never raises (used when conversion itself failed)."""
     try:
         http = req.attributes.request.http
-        return str(http.id or http.headers.get("x-request-id", ""))
+        return str(http.headers.get("x-request-id", "") or http.id)
     except Exception:  # the request is whatever broke conversion: give up on the id, not the answer
         return ""
 

@@ -227,19 +227,19 @@ def test_request_to_attrs_on_a_fully_populated_request() -> None:
             "content-type": "application/json",
         },
         context={"api": "orders", "rules": "v2"},
-        request_id="envoy-id-1",
+        request_id="xrid-1",  # x-request-id first: the id Envoy forwards and the HTTP transport sees
         source_address="10.1.2.3",
     )
 
 
-def test_request_id_falls_back_to_x_request_id_and_keys_are_lowercased() -> None:
+def test_request_id_falls_back_to_envoy_stream_id_and_keys_are_lowercased() -> None:
     req = full_request()
-    req.attributes.request.http.id = ""
+    del req.attributes.request.http.headers["x-request-id"]
     req.attributes.request.http.headers["X-Odd-Case"] = "v"
     attrs = request_to_attrs(req)
-    assert attrs.request_id == "xrid-1"
+    assert attrs.request_id == "envoy-id-1"
     assert attrs.headers["x-odd-case"] == "v"
-    assert request_id_of(req) == "xrid-1"
+    assert request_id_of(req) == "envoy-id-1"
 
 
 def test_header_map_is_used_when_headers_is_empty_and_repeats_are_joined() -> None:
