@@ -547,6 +547,9 @@ def test_cli_servers_run_until_sigterm(argv: list[str], probe: str) -> None:
     with subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     ) as proc:
+        # Reads below have no timeout of their own: a hung server is killed instead.
+        killer = threading.Timer(20, proc.kill)
+        killer.start()
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
@@ -554,8 +557,14 @@ def test_cli_servers_run_until_sigterm(argv: list[str], probe: str) -> None:
             assert url, line
             assert httpx.get(url.group(1) + probe, timeout=5).status_code == 200
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=10)
+            # Read through the same buffered pipe as readline() (communicate() would skip
+            # whatever readline() already buffered).
+            out = line + proc.stdout.read()
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            proc.wait(timeout=10)
         finally:
+            killer.cancel()
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
