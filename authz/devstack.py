@@ -349,7 +349,8 @@ def _parse_response(raw: bytes) -> Reply:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
-    headers = httpx.Headers([tuple(line.split(": ", 1)) for line in lines[1:] if ": " in line])
+    pairs = [line.split(": ", 1) for line in lines[1:] if ": " in line]
+    headers = httpx.Headers([(k, v) for k, v in pairs])
     if headers.get("transfer-encoding", "").lower() == "chunked":
         out, rest = b"", body
         while rest:
