@@ -589,3 +589,15 @@ def test_cli_port_in_use(idp: DevIdP, echo: EchoServer, capsys: pytest.CaptureFi
     args = parse("echo", "--port", str(echo.port))
     assert args.func(args) == 1
     assert "cannot listen" in capsys.readouterr().err
+
+
+def test_echo_reads_chunked_bodies(echo: EchoServer) -> None:
+    def parts() -> Iterator[bytes]:
+        yield b"hello "
+        yield b"world"
+
+    with httpx.Client(base_url=echo.url, timeout=5) as c:
+        r = c.post("/up", content=parts())
+        assert r.json()["headers"]["transfer-encoding"] == "chunked"
+        assert r.json()["body"] == "hello world"
+        assert c.get("/next").json()["path"] == "/next"  # the connection is still in sync
