@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -103,6 +103,8 @@ class App:
         admin_listen: str | None = None,
         reuse_port: bool = False,
         watch_interval_s: float = 2.0,
+        grpc_extra_listens: Sequence[str] = (),
+        http_extra_listens: Sequence[str] = (),
     ) -> None:
         s = service.settings.server
         self.service = service
@@ -111,6 +113,11 @@ class App:
         self.admin_listen = s.admin_listen if admin_listen is None else admin_listen
         self.grace_s = s.shutdown_grace_s
         self.reuse_port = reuse_port
+        # Extra addresses of the same servers: a worker's own port (authz.server.workers), so
+        # Envoy can address each worker process as its own endpoint.
+        self.grpc_extra_listens = tuple(grpc_extra_listens)
+        self.http_extra_listens = tuple(http_extra_listens)
+        self._http_extra: list[HttpCheckServer] = []
         self.watch_interval_s = watch_interval_s
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpCheckServer | None = None
@@ -141,11 +148,18 @@ class App:
                 self._grpc, health_pb2.DESCRIPTOR.services_by_name["Health"]
             )
             self.grpc_port = self._grpc.add_insecure_port(self.grpc_listen)
+            for extra in self.grpc_extra_listens:
+                if not self._grpc.add_insecure_port(extra):
+                    raise OSError(f"cannot listen on {extra}")
             await self._grpc.start()
         if self.http_listen:
             self._http = HttpCheckServer(self.service.check, on_error=self._on_error)
             host, port = split_hostport(self.http_listen)
             self.http_port = await self._http.start(host, port, reuse_port=self.reuse_port)
+            for extra in self.http_extra_listens:
+                server = HttpCheckServer(self.service.check, on_error=self._on_error)
+                await server.start(*split_hostport(extra), reuse_port=self.reuse_port)
+                self._http_extra.append(server)
         await self.service.start()
         self._tasks.append(asyncio.create_task(self._readiness_loop()))
         log.info(
@@ -222,6 +236,7 @@ class App:
             waits.append(self._grpc.stop(self.grace_s))
         if self._http is not None:
             waits.append(self._http.close(self.grace_s))
+        waits += [server.close(self.grace_s) for server in self._http_extra]
         await asyncio.gather(*waits, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
