@@ -105,7 +105,9 @@ class KeySource(Protocol):
 
 GUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 KID_RE = re.compile(r"[A-Za-z0-9_\-.=]{1,128}")
-_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+# An empty signature segment is let through to fail as bad_signature after the header checks
+# (so "alg":"none" with no signature is reported as algorithm_not_allowed).
+_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 # The last character of an unpadded base64url segment must leave the unused bits zero
 # (RFC 4648 §3.5, canonical encoding): 2 chars left over -> 4 unused bits, 3 -> 2 unused bits.
 _LAST_OF_2 = frozenset("AQgw")
