@@ -55,6 +55,8 @@ DEFAULT_AUTHORIZATION_URI = "https://login.microsoftonline.com/common/oauth2/aut
 _JSON = ("content-type", "application/json")
 _NO_CHALLENGE_403 = frozenset({Code.UNKNOWN_API, Code.NO_MATCHING_ROUTE})
 _CACHE_MAX = 4096
+_OK = Code.OK.value
+_OK_REASON = MEANING[Code.OK]
 
 
 def _metadata(
@@ -113,7 +115,7 @@ def allow(
     del request_id  # allows have no body to carry it
     upstream, remove = _plan(api, contract).render(principal)
     if would_deny is None:
-        code, reason = Code.OK.value, MEANING[Code.OK]
+        code, reason = _OK, _OK_REASON
     else:
         code, reason = would_deny.code.value, would_deny.reason
     return Decision(

@@ -38,6 +38,8 @@ from authz.policy.model import ApiSpec, HeaderContract, Principal
 __all__ = ["HeaderPlan", "claim_header_value", "safe_header_value"]
 
 AUTHORIZATION = "authorization"
+_MEMO_MAX = 1024
+_Rendered = tuple[tuple[tuple[str, str], ...], tuple[str, ...]]
 
 
 def _escape_char(char: str) -> str:
@@ -93,7 +95,7 @@ def _unique_lower(names: Sequence[str]) -> tuple[str, ...]:
 class HeaderPlan:
     """The contract resolved for one API: computed once, applied on every allow."""
 
-    __slots__ = ("_claims", "_names", "_remove_all", "_standard", "strip_authorization")
+    __slots__ = ("_claims", "_memo", "_names", "_remove_all", "_standard", "strip_authorization")
 
     def __init__(self, api: ApiSpec | None, contract: HeaderContract) -> None:
         self._standard = tuple(name.lower() for name in contract.standard)
@@ -104,13 +106,25 @@ class HeaderPlan:
         )
         self.strip_authorization = api is None or not api.forward_authorization
         self._remove_all = self._names + ((AUTHORIZATION,) if self.strip_authorization else ())
+        # Rendered headers by principal identity. Verified principals come from the token cache,
+        # so a token's repeat requests reuse one object; the entry keeps it alive, so its id
+        # cannot be reused while cached.
+        self._memo: dict[int, tuple[Principal, _Rendered]] = {}
 
-    def render(
-        self, principal: Principal | None
-    ) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    def render(self, principal: Principal | None) -> _Rendered:
         """``(headers to set, headers to remove)`` for one allow."""
         if principal is None:
             return (), self._remove_all
+        entry = self._memo.get(id(principal))
+        if entry is not None and entry[0] is principal:
+            return entry[1]
+        rendered = self._render(principal)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[id(principal)] = (principal, rendered)
+        return rendered
+
+    def _render(self, principal: Principal) -> _Rendered:
         user_id, tenant_id, client_id, roles, scopes, token_kind = self._standard
         candidates = [
             (user_id, safe_header_value(principal.oid)),

@@ -452,3 +452,22 @@ def test_internal_error_is_a_503_deny() -> None:
     )
     assert d.response_headers == (("content-type", "application/json"),)
     assert dict(d.metadata) == {"decision_id": "d9", "code": "internal_error"}
+
+
+def test_rendered_headers_are_memoised_per_principal_object() -> None:
+    who = principal()
+    first = allowed(API, who)
+    again = allowed(API, who)
+    assert first.upstream_headers is again.upstream_headers
+    other = allowed(API, replace(who, oid="oid-2"))
+    assert ("x-user-id", "oid-2") in other.upstream_headers
+
+
+def test_a_claim_header_may_replace_a_standard_header() -> None:
+    spec = replace(API, claim_headers=(("X-User-Id", "upn"), ("x-roles", "nope")))
+    who = principal(claims=MappingProxyType({"upn": "ann@example.com"}))
+    d = allowed(spec, who)
+    headers = dict(d.upstream_headers)
+    assert headers["x-user-id"] == "ann@example.com"
+    assert "x-roles" not in headers
+    assert d.remove_headers == ("x-roles", "x-user-email", "authorization")
