@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import MappingProxyType
+from typing import cast
 
 import httptools
 
@@ -244,8 +245,8 @@ class _HttpCheckProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's TCPTransport is not an asyncio.Transport subclass: cast, don't assert.
+        self._transport = cast(asyncio.Transport, transport)
         self.last_rx = self._loop.time()
         self._server.connections.add(self)
         if self._server.draining:
