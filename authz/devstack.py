@@ -26,7 +26,7 @@ from typing import Any, Self
 import httpx
 
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP, EchoServer
-from authz.envoyconf import render
+from authz.envoyconf import defaults, placeholders, render
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENVOY_DIR = REPO_ROOT / "envoy"
@@ -186,7 +186,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.idp = DevIdP(tenants=(CONTOSO, FABRIKAM)).start()
         self.echo = EchoServer().start()
-        for name in ("grpc", "http", "admin", "envoy", "envoy_admin"):
+        for name in ("grpc", "http", "admin", "envoy", "envoy_admin", "envoy_stats"):
             self.ports[name] = free_port()
         self.config_path = self.workdir / "authz.yaml"
         self.config_path.write_text(self.render_config())
@@ -233,19 +233,29 @@ class Stack:
         url = f"http://127.0.0.1:{self.ports['admin']}/metrics"
         return httpx.get(url, timeout=5, trust_env=False).text
 
-    def envoy_values(self) -> Mapping[str, str]:
-        return {
+    def envoy_values(self, template: str) -> Mapping[str, str]:
+        """The template's declared defaults, with every port of this stack."""
+        ours = {
+            "LISTEN_ADDRESS": "127.0.0.1",
             "LISTEN_PORT": str(self.ports["envoy"]),
             "ADMIN_PORT": str(self.ports["envoy_admin"]),
+            "STATS_PORT": str(self.ports["envoy_stats"]),
             "AUTHZ_GRPC_PORT": str(self.ports["grpc"]),
             "AUTHZ_HTTP_PORT": str(self.ports["http"]),
             "APP_PORT": str(self.echo.port),
-            "ACCESS_LOG_PATH": str(self.workdir / "envoy-access.log"),
+            "API_NAME": "orders",
+            "PATH_PREFIX": "/orders",
+            "XFF_TRUSTED_HOPS": "0",
         }
+        used = placeholders(template)
+        values = {k: v for k, v in defaults(template).items() if k in used}
+        values.update({k: v for k, v in ours.items() if k in used})
+        return values
 
     def _start_envoy(self) -> None:
         name = "sidecar-http.yaml" if self.transport == "http" else "sidecar.yaml"
-        text = render((ENVOY_DIR / name).read_text(), self.envoy_values())
+        template = (ENVOY_DIR / name).read_text()
+        text = render(template, self.envoy_values(template))
         path = self.workdir / f"envoy-{name}"
         path.write_text(text)
         self.envoy_log = (self.workdir / "envoy.log").open("wb")
@@ -260,6 +270,8 @@ class Stack:
                 "1",
                 "--log-level",
                 "warning",
+                "--file-flush-interval-msec",  # access log lines within 100 ms (default 10 s)
+                "100",
             ],
             stdout=self.envoy_log,
             stderr=subprocess.STDOUT,

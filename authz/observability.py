@@ -261,3 +261,5 @@ def configure_logging(level: str = "INFO", *, json_format: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # httpx logs every key fetch at INFO; the key store logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
