@@ -1,0 +1,267 @@
+"""TokenVerifier: valid tokens yield the right Principal; cache behaviour; exception mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.exceptions import InvalidSignature
+
+from authz.identity.cache import ClaimsCache
+from authz.identity.entra import TokenVerifier, crypto_denial
+from authz.policy.errors import Code, Denial, Unauthenticated, Unavailable, UnknownSigningKey
+from authz.policy.model import TokenKind, TokenSettings
+
+
+def make(env: SimpleNamespace, keys: Any, clock: list[float], cache: bool = False) -> TokenVerifier:
+    c = ClaimsCache(100, 300.0, clock=lambda: clock[0]) if cache else None
+    return TokenVerifier(TokenSettings(), env.ISSUERS, keys, clock=lambda: clock[0], cache=c)
+
+
+# ------------------------------------------------------------------------------- valid tokens
+
+
+def test_v2_user_token(verifier: TokenVerifier, minter: Any, env: SimpleNamespace) -> None:
+    p = verifier.verify(
+        minter.token(groups=["g1", "g2"], acrs=["c1"], xms_cc=["cp1"]), env.make_api()
+    )
+    assert p.tid == env.TENANT
+    assert p.oid == env.USER_OID
+    assert p.client_id == env.CLIENT_ID
+    assert p.kind is TokenKind.USER
+    assert p.version == "2.0"
+    assert p.issuer == env.v2_issuer(env.TENANT)
+    assert p.audience == env.API_ID
+    assert p.provider == "contoso"
+    assert p.expires_at == env.NOW + 3600
+    assert p.scopes == {"Orders.Read", "Orders.Write"}
+    assert p.scp == "Orders.Read Orders.Write"
+    assert p.roles == frozenset()
+    assert p.groups == {"g1", "g2"}
+    assert p.acrs == {"c1"}
+    assert p.client_capabilities == {"cp1"}
+    assert not p.groups_overage
+    assert p.claims["tid"] == env.TENANT
+
+
+def test_v1_user_token(verifier: TokenVerifier, minter: Any, env: SimpleNamespace) -> None:
+    token = minter.sign(
+        minter.header(x5t=env.KID), minter.claims(version="1.0", aud="api://orders")
+    )
+    p = verifier.verify(token, env.make_api())
+    assert p.version == "1.0"
+    assert p.issuer == env.v1_issuer(env.TENANT)
+    assert p.client_id == env.CLIENT_ID  # from appid
+    assert p.audience == "api://orders"
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_app_token(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace, version: str
+) -> None:
+    p = verifier.verify(minter.token(kind="app", version=version), env.make_api())
+    assert p.kind is TokenKind.APP
+    assert p.roles_list == ("Orders.Read.All",)
+    assert p.idtyp == "app"
+
+
+def test_app_token_without_idtyp_is_app(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace
+) -> None:
+    p = verifier.verify(minter.token(kind="app", idtyp=env.DROP), env.make_api())
+    assert p.kind is TokenKind.APP
+
+
+def test_user_with_roles_only_is_user(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace
+) -> None:
+    p = verifier.verify(minter.token(scp=env.DROP, roles=["Admin"], idtyp="user"), env.make_api())
+    assert p.kind is TokenKind.USER
+    assert p.roles == {"Admin"}
+
+
+def test_multi_tenant_allowed(verifier: TokenVerifier, minter: Any, env: SimpleNamespace) -> None:
+    p = verifier.verify(minter.token(), env.make_api("multi"))
+    assert p.provider == "multi"
+
+
+def test_second_issuer_of_api_is_used(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace
+) -> None:
+    # the first issuer (v2 only) does not accept v1; the second one does
+    token = minter.token(version="1.0")
+    assert verifier.verify(token, env.make_api("contoso-v2", "contoso")).provider == "contoso"
+
+
+def test_groups_overage(verifier: TokenVerifier, minter: Any, env: SimpleNamespace) -> None:
+    token = minter.token(_claim_names={"groups": "src1"}, _claim_sources={"src1": {}})
+    assert verifier.verify(token, env.make_api()).groups_overage
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"exp": 1_700_000_000 - 59}, {"nbf": 1_700_000_000 + 59}, {"iat": 1_700_000_000 + 59}],
+    ids=["exp-within-skew", "nbf-within-skew", "iat-within-skew"],
+)
+def test_clock_skew_tolerated(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace, claims: dict[str, int]
+) -> None:
+    verifier.verify(minter.token(**claims), env.make_api())
+
+
+def test_acl_mode_accepts_tokens_without_scope_or_role(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace
+) -> None:
+    api = env.make_api(require_scope_or_role=False)
+    assert verifier.verify(minter.token(scp=env.DROP), api).scopes == frozenset()
+    assert verifier.verify(minter.token(kind="app", roles=env.DROP), api).kind is TokenKind.APP
+
+
+def test_one_issuer_unloaded_cannot_decide(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    del memory_keys.snapshots["contoso"]
+    verifier = make(env, memory_keys, clock)
+    with pytest.raises(Unavailable) as info:  # it may be the unloaded issuer's token
+        verifier.verify(minter.token(version="1.0"), env.make_api("contoso-v2", "contoso"))
+    assert info.value.code == Code.KEYS_UNAVAILABLE
+
+
+def test_non_rsa_algorithms_cannot_be_configured(env: SimpleNamespace, memory_keys: Any) -> None:
+    for alg in ("HS256", "none", "ES256"):
+        with pytest.raises(ValueError, match="unsupported"):
+            TokenVerifier(
+                TokenSettings(algorithms=frozenset({"RS256", alg})), env.ISSUERS, memory_keys
+            )
+
+
+# -------------------------------------------------------------------------- exception mapping
+
+
+def _all_subclasses(cls: type[BaseException]) -> set[type[BaseException]]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out |= {sub, *_all_subclasses(sub)}
+    return out
+
+
+@pytest.mark.parametrize(
+    "exc_type",
+    sorted(_all_subclasses(jwt.PyJWTError) | {jwt.PyJWTError}, key=lambda c: c.__name__),
+    ids=lambda c: c.__name__,
+)
+def test_every_pyjwt_exception_maps_to_a_401(exc_type: type[BaseException]) -> None:
+    exc = exc_type("x") if exc_type is not jwt.MissingRequiredClaimError else exc_type("exp")
+    denial = crypto_denial(exc)
+    assert isinstance(denial, Unauthenticated)
+    assert denial.code != Code.OK
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (InvalidSignature(), Code.BAD_SIGNATURE),
+        (jwt.ExpiredSignatureError(), Code.TOKEN_EXPIRED),
+        (jwt.InvalidKeyError(), Code.BAD_SIGNATURE),
+        (ValueError("odd key"), Code.BAD_SIGNATURE),
+        (RuntimeError(), Code.BAD_SIGNATURE),
+    ],
+    ids=["invalid-signature", "expired", "invalid-key", "value-error", "anything-else"],
+)
+def test_crypto_denial_codes(exc: BaseException, code: Code) -> None:
+    assert crypto_denial(exc).code == code
+
+
+def test_unexpected_crypto_error_is_a_deny(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    class Exploding:
+        def verify(self, msg: bytes, key: object, sig: bytes) -> bool:
+            raise TypeError("boom")
+
+    verifier = make(env, memory_keys, clock)
+    verifier._algorithms["RS256"] = Exploding()  # type: ignore[assignment]
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(minter.token(), env.make_api())
+    assert info.value.code == Code.BAD_SIGNATURE
+
+
+# ------------------------------------------------------------------------------------- cache
+
+
+def test_cache_hit_and_miss(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    verifier = make(env, memory_keys, clock, cache=True)
+    cache = verifier.cache
+    assert cache is not None
+    token = minter.token()
+    first = verifier.verify(token, env.make_api())
+    second = verifier.verify(token, env.make_api())
+    assert second is first
+    assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
+
+
+def test_cache_hit_still_checks_the_api(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    verifier = make(env, memory_keys, clock, cache=True)
+    token = minter.token()
+    verifier.verify(token, env.make_api())
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(token, env.make_api(audiences=("api://billing",)))
+    assert info.value.code == Code.AUDIENCE_MISMATCH
+    scopeless = minter.token(scp=env.DROP)
+    verifier.verify(scopeless, env.make_api(require_scope_or_role=False))  # cached now
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(scopeless, env.make_api())
+    assert info.value.code == Code.NO_SCOPE_OR_ROLE
+
+
+def test_cache_hit_for_an_api_with_other_issuers_verifies_again(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    verifier = make(env, memory_keys, clock, cache=True)
+    token = minter.token()
+    assert verifier.verify(token, env.make_api("contoso")).provider == "contoso"
+    assert verifier.verify(token, env.make_api("multi")).provider == "multi"
+    assert verifier.verify(token, env.make_api("contoso-v2")).provider == "contoso-v2"
+
+
+def test_cache_entry_expires_with_the_token(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    verifier = make(env, memory_keys, clock, cache=True)
+    token = minter.token(exp=env.NOW + 100)
+    verifier.verify(token, env.make_api())
+    clock[0] = env.NOW + 100 + 61
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(token, env.make_api())
+    assert info.value.code == Code.TOKEN_EXPIRED
+
+
+def test_retired_key_voids_cached_tokens(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    verifier = make(env, memory_keys, clock, cache=True)
+    token = minter.token()
+    verifier.verify(token, env.make_api())
+    snap = memory_keys.snapshots["contoso"]
+    keys = {k: v for k, v in snap.keys.items() if k != env.KID}
+    memory_keys.snapshots["contoso"] = dataclasses.replace(snap, keys=keys)
+    with pytest.raises(UnknownSigningKey) as info:
+        verifier.verify(token, env.make_api())
+    assert info.value.issuer == "contoso"
+
+
+def test_denials_are_not_cached(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    verifier = make(env, memory_keys, clock, cache=True)
+    with pytest.raises(Denial):
+        verifier.verify(minter.token(exp=env.NOW - 1000), env.make_api())
+    assert verifier.cache is not None
+    assert len(verifier.cache) == 0
