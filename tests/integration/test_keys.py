@@ -1,0 +1,249 @@
+"""KeyStore against the dev issuer over real HTTP on 127.0.0.1: discovery (v1 + v2), multi-tenant
+allowlist, rotation, outages, garbled JWKS, and the unknown-kid flood (attack case 4)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+
+from authz.devidp import CONTOSO, FABRIKAM, DevIdP
+from authz.identity.entra import TokenVerifier
+from authz.identity.keys import KeyStore
+from authz.policy.errors import Code, Unauthenticated, Unavailable, UnknownSigningKey
+from authz.policy.model import ApiSpec, IssuerSpec, TokenKind, TokenSettings
+
+pytestmark = pytest.mark.integration
+
+AUD = "api://orders"
+
+
+class Observer:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int]] = []
+
+    def on_refresh(self, issuer: str, result: str, keys: int) -> None:
+        self.events.append((issuer, result, keys))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def idp() -> Iterator[DevIdP]:
+    server = DevIdP(tenants=(CONTOSO, FABRIKAM)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(trust_env=False) as c:
+        yield c
+
+
+def spec(idp: DevIdP, **kw: object) -> IssuerSpec:
+    fields: dict[str, object] = {
+        "name": "contoso",
+        "instance": idp.base_url,
+        "tenant": CONTOSO,
+        "versions": frozenset({"1.0", "2.0"}),
+        "fetch_timeout_s": 2.0,
+    }
+    fields.update(kw)
+    return IssuerSpec(**fields)  # type: ignore[arg-type]
+
+
+def api(*issuers: str) -> ApiSpec:
+    return ApiSpec(name="orders", audiences=frozenset({AUD}), issuers=issuers, routes=())
+
+
+async def store_for(
+    client: httpx.AsyncClient, *specs: IssuerSpec, clock: Clock | None = None
+) -> tuple[KeyStore, Observer]:
+    observer = Observer()
+    store = KeyStore(specs, client, observer=observer, clock=clock or Clock())
+    await store.start()
+    return store, observer
+
+
+def verifier(store: KeyStore, *specs: IssuerSpec) -> TokenVerifier:
+    return TokenVerifier(TokenSettings(), {s.name: s for s in specs}, store)
+
+
+async def test_v1_and_v2_documents_loaded(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    s = spec(idp)
+    store, observer = await store_for(client, s)
+    assert store.ready
+    snap = store.snapshot("contoso")
+    assert snap is not None
+    assert snap.tenant_id == CONTOSO
+    assert snap.issuers == {"1.0": idp.issuer(CONTOSO, "1.0"), "2.0": idp.issuer(CONTOSO, "2.0")}
+    assert set(snap.keys) == set(idp.kids)
+    assert observer.events == [("contoso", "ok", len(idp.kids))]
+    v = verifier(store, s)
+    assert v.verify(idp.mint(version="2.0"), api("contoso")).version == "2.0"
+    assert v.verify(idp.mint(version="1.0"), api("contoso")).version == "1.0"
+    app = v.verify(idp.mint(kind="app"), api("contoso"))
+    assert app.kind is TokenKind.APP
+    await store.close()
+
+
+async def test_multi_tenant_allowlist(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    s = spec(idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO}))
+    store, _ = await store_for(client, s)
+    snap = store.snapshot("orgs")
+    assert snap is not None
+    assert snap.tenant_id is None
+    assert "{tenantid}" in snap.issuers["2.0"]
+    v = verifier(store, s)
+    assert v.verify(idp.mint(tid=CONTOSO), api("orgs")).tid == CONTOSO
+    assert v.verify(idp.mint(tid=CONTOSO, version="1.0"), api("orgs")).version == "1.0"
+    with pytest.raises(Unauthenticated) as info:
+        v.verify(idp.mint(tid=FABRIKAM), api("orgs"))
+    assert info.value.code == Code.TENANT_NOT_ALLOWED
+    with pytest.raises(Unauthenticated) as info:
+        v.verify(idp.mint(tid=CONTOSO, kid=idp.msa_kid), api("orgs"))
+    assert info.value.code == Code.KEY_ISSUER_MISMATCH
+    await store.close()
+
+
+async def test_rotation(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    s = spec(idp)
+    clock = Clock()
+    store, _ = await store_for(client, s, clock=clock)
+    v = verifier(store, s)
+    old_kid = idp.active_kid
+    old_token = idp.mint()
+    v.verify(old_token, api("contoso"))
+
+    new_kid = idp.rotate()
+    new_token = idp.mint()
+    with pytest.raises(UnknownSigningKey) as info:
+        v.verify(new_token, api("contoso"))
+    assert await store.refresh_unknown_kid(info.value.issuer) is True
+    v.verify(new_token, api("contoso"))
+    v.verify(old_token, api("contoso"))  # both published
+
+    idp.retire(old_kid)
+    assert await store.refresh("contoso") == "ok"
+    snap = store.snapshot("contoso")
+    assert snap is not None
+    assert old_kid not in snap.keys
+    assert new_kid in snap.keys
+    with pytest.raises(UnknownSigningKey):
+        v.verify(old_token, api("contoso"))
+    # the transport's refresh is rate-limited now, and would not bring the key back anyway
+    assert await store.refresh_unknown_kid("contoso") is False
+    await store.close()
+
+
+async def test_idp_down_at_start(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    idp.set_outage(True)
+    s = spec(idp)
+    store, observer = await store_for(client, s)
+    assert not store.ready
+    assert store.snapshot("contoso") is None
+    assert observer.events == [("contoso", "error", 0)]
+    with pytest.raises(Unavailable) as info:
+        verifier(store, s).verify(idp.mint(), api("contoso"))
+    assert info.value.code == Code.KEYS_UNAVAILABLE
+    idp.set_outage(False)
+    assert await store.refresh("contoso") == "ok"
+    assert store.ready
+    await store.close()
+
+
+async def test_idp_down_later_keeps_last_good_keys(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    s = spec(idp)
+    store, observer = await store_for(client, s)
+    before = store.snapshot("contoso")
+    idp.set_outage(True)
+    assert await store.refresh("contoso") == "error"
+    assert store.snapshot("contoso") is before
+    assert store.ready
+    assert observer.events[-1] == ("contoso", "error", len(idp.kids))
+    verifier(store, s).verify(idp.mint(), api("contoso"))
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, b'{"keys": []}', b'{"keys": [{"kty": "RSA", "kid": "x", "n": "!!", "e": "AQAB"}]}'],
+    ids=["truncated", "empty-set", "bad-n"],
+)
+async def test_garbled_jwks_rejected_old_keys_kept(
+    idp: DevIdP, client: httpx.AsyncClient, body: bytes | None
+) -> None:
+    s = spec(idp)
+    store, observer = await store_for(client, s)
+    before = store.snapshot("contoso")
+    idp.set_garbled(True, body)
+    assert await store.refresh("contoso") == "garbled"
+    assert store.snapshot("contoso") is before
+    assert observer.events[-1][:2] == ("contoso", "garbled")
+    verifier(store, s).verify(idp.mint(), api("contoso"))
+    await store.close()
+
+
+async def test_unknown_kid_flood_is_bounded(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    """Attack case 4: 10k distinct unknown kids cause at most one fetch per interval."""
+    s = spec(idp, versions=frozenset({"2.0"}), unknown_kid_min_interval_s=300.0)
+    clock = Clock()
+    store, _ = await store_for(client, s, clock=clock)
+    v = verifier(store, s)
+    idp.reset_counts()
+    issuers = set()
+    for i in range(50):  # each distinct unknown kid is denied and names the issuer to refresh
+        with pytest.raises(UnknownSigningKey) as info:
+            v.verify(idp.mint(header_extra={"kid": f"flood-{i}"}), api("contoso"))
+        issuers.add(info.value.issuer)
+    assert issuers == {"contoso"}
+    results = await asyncio.gather(*(store.refresh_unknown_kid("contoso") for _ in range(10_000)))
+    assert idp.request_count("keys") == 1
+    assert not any(results)  # the keys did not change
+    results = await asyncio.gather(*(store.refresh_unknown_kid("contoso") for _ in range(10_000)))
+    assert idp.request_count("keys") == 1  # same interval: refused without a fetch
+    clock.now += 301
+    await asyncio.gather(*(store.refresh_unknown_kid("contoso") for _ in range(10_000)))
+    assert idp.request_count("keys") == 2
+    await store.close()
+
+
+async def test_background_refresh_and_close(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    s = spec(idp, versions=frozenset({"2.0"}), refresh_interval_s=0.2, refresh_jitter_s=0.0)
+    store, observer = await store_for(client, s)
+    store.start_background()
+    store.start_background()  # idempotent
+    for _ in range(100):
+        if len(observer.events) >= 3:
+            break
+        await asyncio.sleep(0.05)
+    assert [e[1] for e in observer.events[:3]] == ["ok", "unchanged", "unchanged"]
+    await store.close()
+
+
+async def test_adopt_reuses_unchanged_issuers(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    s = spec(idp)
+    old, _ = await store_for(client, s)
+    idp.reset_counts()
+    changed = spec(idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO}))
+    new = KeyStore((s, changed), client)
+    new.adopt(old)
+    assert new.snapshot("contoso") is old.snapshot("contoso")
+    assert not new.ready
+    await new.start()
+    assert new.ready
+    assert idp.request_count(f"/{CONTOSO}/") == 0
+    assert idp.request_count("/organizations") > 0
+    await old.close()
+    await new.close()
