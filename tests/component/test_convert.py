@@ -227,7 +227,7 @@ def test_request_to_attrs_on_a_fully_populated_request() -> None:
             "content-type": "application/json",
         },
         context={"api": "orders", "rules": "v2"},
-        request_id="xrid-1",  # x-request-id first: the id Envoy forwards and the HTTP transport sees
+        request_id="xrid-1",  # x-request-id first: the id Envoy forwards (HTTP transport too)
         source_address="10.1.2.3",
     )
 
