@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import MappingProxyType
@@ -109,11 +110,12 @@ def core() -> FakeCore:
 
 
 _PORTS: dict[int, int] = {}
+TEST_LIMITS = HttpLimits(max_header_bytes=4096, max_url_bytes=1024)
 
 
 @pytest.fixture
 async def server(core: FakeCore) -> AsyncIterator[HttpCheckServer]:
-    srv = HttpCheckServer(core.check, limits=HttpLimits(max_header_bytes=4096, max_url_bytes=1024))
+    srv = HttpCheckServer(core.check, limits=TEST_LIMITS)
     _PORTS[id(srv)] = await srv.start("127.0.0.1", 0)
     yield srv
     await srv.close(grace_s=1.0)
@@ -482,6 +484,45 @@ async def test_reuse_port_lets_two_servers_share_a_port(core: FakeCore) -> None:
     finally:
         await first.close(1.0)
         await second.close(1.0)
+
+
+_SCENARIOS = [
+    test_allow_over_httpx,
+    test_deny_rendering,
+    test_head_deny_has_no_body_and_connection_survives,
+    test_keep_alive_many_requests_one_connection,
+    test_connection_close_and_http10,
+    test_pipelined_answers_keep_request_order,
+    test_malformed_request_400_closes_only_that_connection,
+    test_header_dribble_is_bounded,
+    test_check_raising_is_internal_error,
+    test_graceful_close_finishes_in_flight,
+    test_idle_and_header_timeouts,
+]
+
+
+@pytest.mark.parametrize("scenario", _SCENARIOS, ids=[f.__name__[5:] for f in _SCENARIOS])
+def test_same_on_uvloop(scenario: Callable[..., Awaitable[None]]) -> None:
+    """The transport must work on both loops; the application picks one."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def run() -> None:
+        core = FakeCore()
+        params = inspect.signature(scenario).parameters
+        if "server" not in params:
+            await scenario(core=core)
+            return
+        srv = HttpCheckServer(core.check, limits=TEST_LIMITS)
+        _PORTS[id(srv)] = await srv.start("127.0.0.1", 0)
+        try:
+            assert "uvloop" in type(asyncio.get_running_loop()).__module__
+            await scenario(**{k: v for k, v in (("server", srv), ("core", core)) if k in params})
+        finally:
+            await srv.close(1.0)
+            del _PORTS[id(srv)]
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(run())
 
 
 # ------------------------------------------------------------------------------ the real Envoy
