@@ -125,6 +125,7 @@ class App:
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._stopped = False
+        self._signals = False
         self._tasks: list[asyncio.Task[None]] = []
         self.grpc_port = 0
         self.http_port = 0
@@ -207,6 +208,14 @@ class App:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._signals = True
+
+    def _remove_signal_handlers(self) -> None:
+        if self._signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self._signals = False
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -243,6 +252,7 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.service.close()
         await self._admin.close()
+        self._remove_signal_handlers()
         log.info("stopped")
 
     async def run(self) -> None:
