@@ -212,10 +212,11 @@ class _Stop(Exception):
 class _Slot:
     """One request's place in the connection's answer queue (answers go out in request order)."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "task")
 
     def __init__(self, data: bytes | None = None) -> None:
         self.data = data
+        self.task: asyncio.Task[None] | None = None
 
 
 class _HttpCheckProtocol(asyncio.Protocol):
@@ -384,9 +385,11 @@ class _HttpCheckProtocol(asyncio.Protocol):
         )
         slot = _Slot()
         self._queue.append(slot)
-        task = self._loop.create_task(self._answer(attrs, slot, method == "HEAD", not keep_alive))
-        server.tasks.add(task)
-        task.add_done_callback(server.tasks.discard)
+        # The task removes itself from server.tasks when done (cheaper than a done callback).
+        slot.task = self._loop.create_task(
+            self._answer(attrs, slot, method == "HEAD", not keep_alive)
+        )
+        server.tasks.add(slot.task)
         if len(self._queue) >= self._limits.max_pipelined:
             self._update_reading()
 
@@ -398,9 +401,11 @@ class _HttpCheckProtocol(asyncio.Protocol):
             decision = await server.check(attrs)
             data = render_decision(decision, head=head, close=close or server.draining)
         except asyncio.CancelledError:
+            server.tasks.discard(slot.task)
             raise
         except Exception as exc:  # never raise out of the transport: fail closed, loudly
             data = server.internal_error_bytes(exc, attrs, head, close)
+        server.tasks.discard(slot.task)
         slot.data = data
         if self._queue and self._queue[0] is slot:
             self._flush()
