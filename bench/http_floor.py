@@ -106,7 +106,7 @@ def _runner() -> Callable[[Coroutine[Any, Any, float]], float]:
         import uvloop
     except ImportError:  # pragma: no cover
         return asyncio.run
-    return uvloop.run  # type: ignore[no-any-return]
+    return uvloop.run
 
 
 def main() -> None:
