@@ -1,0 +1,611 @@
+"""``python -m bench`` (``make bench``): the whole benchmark in one run. See docs/performance.md.
+
+(a) the decision path in-process; (b) real Envoy (``--concurrency 1``) + wrk (``-c16 -t1``) in
+front of a trivial backend, in several modes with the same route rule; (c) the same modes at a
+fixed moderate rate (open loop); (d) ``--workers 1`` vs ``--workers 2`` with per-process CPU;
+and a flood of unique tokens (RSS and cache size). 127.0.0.1 only, every run bounded in time.
+Prints markdown; saves JSON under bench/results/. Asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from authz import config as config_mod
+from authz.devidp import CONTOSO, DevIdP
+from authz.devstack import envoy_binary, free_port, wait_until
+from authz.envoyconf import render
+from authz.server.workers import envoy_endpoints
+from bench import inprocess, loadgen, wrk
+from bench.sysstat import CpuMeter, children, rss_bytes
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PATH = "/orders/42"
+
+AUTHZ_CONFIG = """\
+server:
+  shutdown_grace_seconds: 2
+tokens:
+  clock_skew_seconds: 60
+  cache: {{max_entries: {cache_max}, max_ttl_seconds: 300}}
+issuers:
+  - name: contoso
+    instance: "{instance}"
+    tenant: "{tenant}"
+    versions: ["2.0"]
+apis:
+  - name: orders
+    audiences: ["api://orders"]
+    issuers: [contoso]
+    match:
+      path_prefixes: ["/orders"]
+    routes:
+      - name: read
+        path: "/orders/{{id}}"
+        methods: [GET]
+        require:
+          token_kind: user
+          scopes_any: [Orders.Read]
+"""
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def pids(self) -> list[int]:
+        """The process and its worker children (a supervisor's workers)."""
+        return [self.pid, *children(self.pid)]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+
+
+class Lab:
+    """Everything that lives for the whole run: dev IdP, backend, tokens, work dir."""
+
+    def __init__(self, workdir: Path, *, cache_max: int) -> None:
+        self.workdir = workdir
+        self.cache_max = cache_max
+        self.procs: list[Proc] = []
+
+    def __enter__(self) -> Lab:
+        self.idp = DevIdP(tenants=(CONTOSO,)).start()
+        self.token = self.idp.mint(aud="api://orders", lifetime=7200)
+        self.lua = wrk.script(self.workdir, [self.token], PATH)
+        jwks = httpx.get(f"{self.idp.base_url}/{CONTOSO}/discovery/v2.0/keys", trust_env=False)
+        self.jwks_file = self.workdir / "jwks.json"
+        self.jwks_file.write_text(jwks.text)
+        port = free_port()
+        self.backend = self.spawn("backend", [sys.executable, "-m", "bench.backend", str(port)])
+        self.backend.ports["http"] = port
+        wait_until(lambda: _connects(port), 15, "backend", self.backend.popen)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.idp.stop()
+
+    def spawn(
+        self, name: str, cmd: list[str], env: dict[str, str] | None = None, *, out: str = ""
+    ) -> Proc:
+        stdout = (self.workdir / f"{out or name}.out").open("ab")
+        stderr = (self.workdir / f"{out or name}.err").open("ab")
+        popen = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, cwd=HERE.parent)
+        proc = Proc(name, popen)
+        self.procs.append(proc)
+        return proc
+
+    def release(self, proc: Proc) -> None:
+        proc.stop()
+        with contextlib.suppress(ValueError):
+            self.procs.remove(proc)
+
+    # ------------------------------------------------------------------------- servers
+
+    def config(self, cache_max: int) -> Path:
+        path = self.workdir / f"authz-{cache_max}.yaml"
+        path.write_text(
+            AUTHZ_CONFIG.format(cache_max=cache_max, instance=self.idp.base_url, tenant=CONTOSO)
+        )
+        return path
+
+    def authz(self, name: str, *, workers: int = 1, cache_max: int | None = None) -> Proc:
+        grpc_port, http_port, admin = _free_block(2 * workers + 3)
+        cfg = self.config(self.cache_max if cache_max is None else cache_max)
+        env = dict(os.environ)
+        env.update(
+            AUTHZ_GRPC_LISTEN=f"127.0.0.1:{grpc_port}",
+            AUTHZ_HTTP_LISTEN=f"127.0.0.1:{http_port}",
+            AUTHZ_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+            AUTHZ_WORKER_GRPC_PORT_BASE=str(http_port + 1),
+            AUTHZ_WORKER_HTTP_PORT_BASE=str(http_port + 1 + workers),
+        )
+        cmd = [sys.executable, "-m", "authz", "serve", "--config", str(cfg)]
+        cmd += ["--transport", "both", "--workers", str(workers), "--log-level", "WARNING"]
+        proc = self.spawn(name, cmd, env)
+        proc.ports.update(grpc=grpc_port, http=http_port, admin=admin)
+        if workers > 1:
+            for i in range(workers):
+                proc.ports[f"grpc{i}"] = http_port + 1 + i
+                proc.ports[f"http{i}"] = http_port + 1 + workers + i
+        url = f"http://127.0.0.1:{admin}/readyz"
+        wait_until(
+            lambda: httpx.get(url, timeout=1, trust_env=False).status_code == 200,
+            30,
+            f"{name} readiness",
+            proc.popen,
+        )
+        return proc
+
+    def floor(self) -> Proc:
+        port = free_port()
+        proc = self.spawn("floor", [sys.executable, "-m", "bench.floor_grpc", str(port)])
+        proc.ports["grpc"] = port
+        wait_until(lambda: _connects(port), 15, "gRPC floor", proc.popen)
+        return proc
+
+    def envoy(self, template: str, values: dict[str, str]) -> Proc:
+        listen, admin = free_port(), free_port()
+        text = render(
+            (HERE / template).read_text(),
+            {
+                "LISTEN_PORT": str(listen),
+                "ADMIN_PORT": str(admin),
+                "APP_PORT": str(self.backend.ports["http"]),
+                **values,
+            },
+        )
+        path = self.workdir / f"rendered-{template}"
+        path.write_text(text)
+        cmd = [envoy_binary(), "-c", str(path), "--concurrency", "1", "--log-level", "error"]
+        cmd += ["--base-id", str(random.randint(1000, 60000))]
+        proc = self.spawn("envoy", cmd, out="envoy")
+        proc.ports.update(listen=listen, admin=admin)
+        ready = f"http://127.0.0.1:{admin}/ready"
+        wait_until(
+            lambda: httpx.get(ready, timeout=1, trust_env=False).status_code == 200,
+            30,
+            "Envoy",
+            proc.popen,
+        )
+        return proc
+
+
+def _connects(port: int) -> bool:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+
+
+def _free_block(n: int) -> tuple[int, int, int]:
+    """grpc, http, admin ports with n-3 free ports after http (per-worker ports)."""
+    for _ in range(50):
+        base = random.randint(20000, 60000 - n)
+        ports = list(range(base, base + n))
+        try:
+            for p in ports:
+                import socket
+
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        # layout: grpc=base, http=base+1, per-worker ports from base+2, admin=last
+        return base, base + 1, base + n - 1
+    raise RuntimeError("no free port block")
+
+
+# --------------------------------------------------------------------------------- measuring
+
+
+def _status(url: str, token: str) -> int:
+    r = httpx.get(url, headers={"authorization": f"Bearer {token}"}, timeout=5, trust_env=False)
+    return r.status_code
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def run_mode(
+    lab: Lab,
+    name: str,
+    template: str,
+    values: dict[str, str],
+    authz: list[Proc],
+    args: argparse.Namespace,
+    *,
+    fixed: bool,
+) -> dict[str, Any]:
+    envoy = lab.envoy(template, values)
+    url = f"http://127.0.0.1:{envoy.ports['listen']}{PATH}"
+    try:
+        wait_until(lambda: _status(url, lab.token) == 200, 15, f"{name}: a 200 through Envoy")
+        wrk.run(url, lab.lua, seconds=1)  # warm up (connections, caches)
+        groups = {
+            "envoy": [envoy.pid],
+            "backend": [lab.backend.pid],
+            "authz": [p for a in authz for p in a.pids()],
+        }
+        meter = CpuMeter(groups)
+        wrk_cpu = _children_cpu()
+        meter.start()
+        res = wrk.run(url, lab.lua, seconds=args.duration)
+        meter.stop()
+        wrk_cpu = _children_cpu() - wrk_cpu
+        n = max(1, res.requests)
+        row: dict[str, Any] = {
+            "mode": name,
+            **asdict(res),
+            "envoy_us": meter.seconds("envoy") / n * 1e6,
+            "authz_us": meter.seconds("authz") / n * 1e6 if authz else None,
+            "backend_us": meter.seconds("backend") / n * 1e6,
+            "wrk_us": wrk_cpu / n * 1e6,
+            "steal_pct": meter.steal_pct,
+            "busy_pct": meter.busy_pct,
+            "per_process": {
+                str(pid): {"cpu_s": sec, "us_per_req": sec / n * 1e6}
+                for pid, sec in meter.per_pid.items()
+                if pid in groups["authz"]
+            },
+        }
+        if fixed:
+            meter = CpuMeter(groups)
+            meter.start()
+            ol = asyncio.run(
+                loadgen.run(
+                    envoy.ports["listen"], PATH, [lab.token], rate=args.rate, seconds=args.fixed
+                )
+            )
+            meter.stop()
+            m = max(1, ol.sent)
+            row["fixed_rate"] = {
+                **asdict(ol),
+                "envoy_us": meter.seconds("envoy") / m * 1e6,
+                "authz_us": meter.seconds("authz") / m * 1e6 if authz else None,
+                "steal_pct": meter.steal_pct,
+            }
+        _print_row(row)
+        return row
+    finally:
+        lab.release(envoy)
+
+
+def _print_row(row: dict[str, Any]) -> None:
+    authz = row["authz_us"]
+    print(
+        f"  {row['mode']:<44} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:.2f} ms  "
+        f"p99 {row['p99_ms']:.2f} ms  envoy {row['envoy_us']:.0f} us/req  "
+        f"authz {'-' if authz is None else f'{authz:.0f}'} us/req  non-2xx {row['non_2xx']}  "
+        f"steal {row['steal_pct']:.1f}%",
+        flush=True,
+    )
+    if row["steal_pct"] > 5:
+        print("  WARNING: CPU steal > 5% during this run: discard or re-run it", flush=True)
+
+
+def flood(lab: Lab, proc: Proc, count: int) -> dict[str, Any]:
+    """Unique valid tokens straight at the HTTP transport; RSS and cache size before/after."""
+    t0 = time.perf_counter()
+    tokens = [lab.idp.mint(aud="api://orders", lifetime=7200) for _ in range(count)]
+    mint_s = time.perf_counter() - t0
+    pid = ([p for p in proc.pids() if p != proc.pid] or [proc.pid])[0]
+    rss_before = rss_bytes(pid)
+    t0 = time.perf_counter()
+    ok, other = asyncio.run(loadgen.flood(proc.ports["http"], PATH, tokens))
+    secs = time.perf_counter() - t0
+    time.sleep(0.6)  # the cache gauge is synced every 0.25 s
+    rss_after = rss_bytes(pid)
+    metrics = httpx.get(
+        f"http://127.0.0.1:{proc.ports['admin']}/metrics", timeout=5, trust_env=False
+    ).text
+    entries = next(
+        (
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("authz_token_cache_entries")
+        ),
+        float("nan"),
+    )
+    out = {
+        "tokens": count,
+        "allowed": ok,
+        "other": other,
+        "mint_s": mint_s,
+        "flood_s": secs,
+        "checks_per_s": count / secs if secs else 0.0,
+        "cache_max_entries": lab.cache_max,
+        "cache_entries_after": entries,
+        "rss_before_mib": rss_before / 2**20,
+        "rss_after_mib": rss_after / 2**20,
+    }
+    print(
+        f"  flood: {count} unique tokens ({ok} allowed) at {out['checks_per_s']:.0f} checks/s: "
+        f"cache {entries:.0f}/{lab.cache_max}, RSS {out['rss_before_mib']:.1f} -> "
+        f"{out['rss_after_mib']:.1f} MiB",
+        flush=True,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def _f(v: Any, fmt: str = ".0f") -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def report(res: dict[str, Any]) -> str:
+    lines = [f"## entra-authz benchmark ({res['meta']['when']}, {res['meta']['machine']})", ""]
+    a = res.get("inprocess")
+    if a:
+        lines += [
+            "### (a) Decision path in-process (best of 5, µs per operation)",
+            "",
+            "| raw RSA-2048 verify | our cold verify | our cached verify | route match "
+            "| Engine.check, cached | cold / raw | cached / raw |",
+            "|---|---|---|---|---|---|---|",
+            f"| {a['raw_rsa_verify_us']:.1f} | {a['cold_verify_us']:.1f} | "
+            f"{a['cached_verify_us']:.2f} | {a['route_match_us']:.2f} | "
+            f"{a['engine_check_cached_us']:.2f} | {a['cold_over_raw']:.2f}x | "
+            f"{a['cached_over_raw']:.2f}x |",
+            "",
+        ]
+    modes = res.get("modes", [])
+    native = next((m for m in modes if m["mode"].startswith("native")), None)
+    if modes:
+        lines += [
+            f"### (b) Through Envoy (--concurrency 1), wrk -c16 -t1 -d{res['meta']['duration']}s, "
+            "same route rule",
+            "",
+            "| mode | req/s | x native | p50 ms | p99 ms | Envoy µs/req | x native "
+            "| authz µs/req (per process) | non-2xx | steal % |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m in modes:
+            ratio = m["rps"] / native["rps"] if native and native["rps"] else None
+            eratio = m["envoy_us"] / native["envoy_us"] if native and native["envoy_us"] else None
+            per = m.get("per_process") or {}
+            split = ""
+            if len(per) > 1:
+                split = " (" + " / ".join(f"{v['us_per_req']:.0f}" for v in per.values()) + ")"
+            lines.append(
+                f"| {m['mode']} | {m['rps']:.0f} | {_f(ratio, '.2f')} | {m['p50_ms']:.2f} | "
+                f"{m['p99_ms']:.2f} | {m['envoy_us']:.0f} | {_f(eratio, '.2f')} | "
+                f"{_f(m['authz_us'])}{split} | {m['non_2xx']} | {m['steal_pct']:.1f} |"
+            )
+        lines.append("")
+    fixed = [m for m in modes if "fixed_rate" in m]
+    if fixed:
+        nat = next((m["fixed_rate"] for m in fixed if m["mode"].startswith("native")), None)
+        r = fixed[0]["fixed_rate"]
+        lines += [
+            f"### (c) Fixed rate (open loop, {r['rate']:.0f} req/s for {r['seconds']:.0f} s, "
+            "latency from the scheduled send time)",
+            "",
+            "| mode | p50 ms | p90 ms | p99 ms | p50 added over native | p99 added over native "
+            "| Envoy µs/req | authz µs/req | non-2xx/errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for m in fixed:
+            f = m["fixed_rate"]
+            d50 = f["p50_ms"] - nat["p50_ms"] if nat else None
+            d99 = f["p99_ms"] - nat["p99_ms"] if nat else None
+            lines.append(
+                f"| {m['mode']} | {f['p50_ms']:.2f} | {f['p90_ms']:.2f} | {f['p99_ms']:.2f} | "
+                f"{_f(d50, '+.2f')} | {_f(d99, '+.2f')} | {f['envoy_us']:.0f} | "
+                f"{_f(f['authz_us'])} | {f['non_2xx']}/{f['errors']} |"
+            )
+        lines.append("")
+    w = [m for m in modes if m.get("workers")]
+    if w:
+        lines += [
+            "### (d) Workers: CPU per process (share of the whole run)",
+            "",
+            "| mode | req/s | per-process CPU % of the run |",
+            "|---|---|---|",
+        ]
+        for m in w:
+            per = m["per_process"]
+            shares = ", ".join(
+                f"pid {pid}: {100 * v['cpu_s'] / m['seconds']:.0f} %" for pid, v in per.items()
+            )
+            lines.append(f"| {m['mode']} | {m['rps']:.0f} | {shares} |")
+        lines.append("")
+    fl = res.get("flood")
+    if fl:
+        lines += [
+            "### Memory: flood of unique valid tokens (HTTP transport, one worker)",
+            "",
+            "| unique tokens | allowed | checks/s (cold) | cache entries / max | RSS before MiB "
+            "| RSS after MiB |",
+            "|---|---|---|---|---|---|",
+            f"| {fl['tokens']} | {fl['allowed']} | {fl['checks_per_s']:.0f} | "
+            f"{fl['cache_entries_after']:.0f} / {fl['cache_max_entries']} | "
+            f"{fl['rss_before_mib']:.1f} | {fl['rss_after_mib']:.1f} |",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="~1 minute smoke version")
+    p.add_argument("--duration", type=float, default=None, help="seconds per wrk run (10)")
+    p.add_argument("--rate", type=float, default=500.0, help="fixed-rate req/s (500)")
+    p.add_argument("--fixed", type=float, default=None, help="seconds per fixed-rate run (5)")
+    p.add_argument("--flood", type=int, default=None, help="unique tokens in the flood (12000)")
+    p.add_argument("--skip-envoy", action="store_true", help="only (a), the in-process part")
+    p.add_argument("--pinning", action="store_true", help="also: 2 workers on the shared port")
+    args = p.parse_args(argv)
+    args.duration = args.duration or (3.0 if args.quick else 10.0)
+    args.fixed = args.fixed or (2.0 if args.quick else 5.0)
+    args.flood = args.flood if args.flood is not None else (1500 if args.quick else 12000)
+    cache_max = 500 if args.quick else 5000
+    if not args.skip_envoy:
+        wrk.wrk_binary()
+
+    res: dict[str, Any] = {
+        "meta": {
+            "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs, "
+            f"Python {platform.python_version()}",
+            "duration": args.duration,
+            "quick": args.quick,
+        },
+        "modes": [],
+    }
+    workdir = Path(tempfile.mkdtemp(prefix="authz-bench-"))
+    started = time.monotonic()
+    try:
+        with Lab(workdir, cache_max=cache_max) as lab:
+            print("(a) in-process decision path", flush=True)
+            settings = config_mod.load(lab.config(cache_max))
+            pub = lab.idp.private_key().public_key()
+            res["inprocess"] = asyncio.run(
+                inprocess.measure(settings, lab.token, pub, quick=args.quick)
+            )
+            print("  " + json.dumps({k: round(v, 2) for k, v in res["inprocess"].items()}))
+            if not args.skip_envoy:
+                run_envoy_modes(lab, args, res)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    res["meta"]["elapsed_s"] = time.monotonic() - started
+    text = report(res)
+    print()
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps(res, indent=2))
+    (RESULTS / "latest.md").write_text(text + "\n")
+    print(f"saved {out} (elapsed {res['meta']['elapsed_s']:.0f} s)")
+    return 0
+
+
+def run_envoy_modes(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    modes: list[dict[str, Any]] = res["modes"]
+    print("(b)/(c) through Envoy", flush=True)
+    modes.append(run_mode(lab, "no auth", "envoy-noauth.yaml", {}, [], args, fixed=True))
+    jwt_values = {"ISSUER": lab.idp.issuer(CONTOSO, "2.0"), "JWKS_FILE": str(lab.jwks_file)}
+    modes.append(
+        run_mode(
+            lab, "native jwt_authn + RBAC", "envoy-jwt-rbac.yaml", jwt_values, [], args, fixed=True
+        )
+    )
+    floor = lab.floor()
+    ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([floor.ports["grpc"]])}
+    modes.append(
+        run_mode(
+            lab,
+            "gRPC floor (grpc.aio, does nothing)",
+            "envoy-ext-grpc.yaml",
+            ep,
+            [floor],
+            args,
+            fixed=True,
+        )
+    )
+    lab.release(floor)
+
+    one = lab.authz("authz-1")
+    ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([one.ports["grpc"]])}
+    modes.append(
+        run_mode(lab, "entra-authz gRPC", "envoy-ext-grpc.yaml", ep, [one], args, fixed=True)
+    )
+    ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([one.ports["http"]])}
+    modes.append(
+        run_mode(lab, "entra-authz HTTP", "envoy-ext-http.yaml", ep, [one], args, fixed=True)
+    )
+    print("memory", flush=True)
+    res["flood"] = flood(lab, one, args.flood)
+    lab.release(one)
+
+    nocache = lab.authz("authz-nocache", cache_max=0)
+    ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([nocache.ports["http"]])}
+    modes.append(
+        run_mode(
+            lab,
+            "entra-authz HTTP, cache off (verify every check)",
+            "envoy-ext-http.yaml",
+            ep,
+            [nocache],
+            args,
+            fixed=False,
+        )
+    )
+    lab.release(nocache)
+
+    print("(d) workers", flush=True)
+    two = lab.authz("authz-2", workers=2)
+    for transport in ("grpc", "http"):
+        ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([two.ports[f"{transport}{i}"] for i in (0, 1)])}
+        row = run_mode(
+            lab,
+            f"entra-authz {'gRPC' if transport == 'grpc' else 'HTTP'}, 2 workers (own ports)",
+            f"envoy-ext-{transport}.yaml",
+            ep,
+            [two],
+            args,
+            fixed=False,
+        )
+        row["workers"] = 2
+        modes.append(row)
+    if args.pinning:
+        ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([two.ports["grpc"]])}
+        row = run_mode(
+            lab,
+            "entra-authz gRPC, 2 workers, shared port only",
+            "envoy-ext-grpc.yaml",
+            ep,
+            [two],
+            args,
+            fixed=False,
+        )
+        row["workers"] = 2
+        modes.append(row)
+    lab.release(two)
+    for m in modes:
+        if m["mode"] in ("entra-authz gRPC", "entra-authz HTTP"):
+            m["workers"] = 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
