@@ -13,7 +13,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def _table() -> dict[str, str]:
     rows = {}
-    for line in README.read_text().splitlines():
+    section = README.read_text().split("\n## Denial codes\n", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
         m = re.match(r"^\| `([a-z_]+)` \| ([^|]+) \| (.+) \|$", line)
         if m:
             rows[m.group(1)] = m.group(3).replace("\\|", "|")
