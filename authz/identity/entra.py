@@ -378,6 +378,7 @@ class TokenVerifier:
         self, api: ApiSpec, iss: str, tid: str, ver: str
     ) -> tuple[str, IssuerSpec, KeySnapshot]:
         loaded = unloaded = version_ok = False
+        foreign: tuple[str, IssuerSpec, KeySnapshot] | None = None
         for name in api.issuers:
             spec = self._issuers.get(name)
             if spec is None:
@@ -393,9 +394,15 @@ class TokenVerifier:
                 continue
             if snap.tenant_id is None:
                 if template.replace(_TEMPLATE, tid) == iss:
-                    return name, spec, snap
+                    if tid in spec.allowed_tenants:
+                        return name, spec, snap
+                    # A template matches any tenant: keep looking for an issuer that accepts
+                    # this one (a single-tenant issuer listed later), else deny it below.
+                    foreign = foreign or (name, spec, snap)
             elif template == iss and tid == snap.tenant_id:
                 return name, spec, snap
+        if foreign is not None:
+            return foreign  # decided later, after the signature: tenant_not_allowed
         if not loaded:
             raise Unavailable(Code.KEYS_UNAVAILABLE)
         if not version_ok:

@@ -265,3 +265,33 @@ def test_denials_are_not_cached(
         verifier.verify(minter.token(exp=env.NOW - 1000), env.make_api())
     assert verifier.cache is not None
     assert len(verifier.cache) == 0
+
+
+def test_multi_tenant_issuer_listed_first_does_not_shadow_a_single_tenant_one(
+    minter: Any, env: SimpleNamespace, rsa_key: Any, msa_key: Any, clock: list[float]
+) -> None:
+    # "partners" is multi-tenant for another tenant only; its {tenantid} template matches every
+    # tenant's iss, so it must not capture a contoso token that "contoso" (listed later) accepts.
+    from authz.policy.model import IssuerSpec
+
+    partners = IssuerSpec(
+        name="partners",
+        instance=env.INSTANCE,
+        tenant="organizations",
+        allowed_tenants=frozenset({env.OTHER_TENANT}),
+    )
+    issuers = {**env.ISSUERS, "partners": partners}
+    keys = env.MemoryKeys(
+        {
+            "contoso": env.snapshot_for("contoso", rsa_key, msa_key),
+            "partners": env.snapshot_for(
+                "partners", rsa_key, msa_key, tenant=None, versions=("2.0",)
+            ),
+        }
+    )
+    v = TokenVerifier(TokenSettings(), issuers, keys, clock=lambda: clock[0])
+    assert v.verify(minter.token(), env.make_api("partners", "contoso")).provider == "contoso"
+    # with no issuer accepting the tenant, the answer is still tenant_not_allowed
+    with pytest.raises(Denial) as err:
+        v.verify(minter.token(), env.make_api("partners"))
+    assert err.value.code is Code.TENANT_NOT_ALLOWED
