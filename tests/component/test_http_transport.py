@@ -324,6 +324,23 @@ async def test_pipelined_answers_keep_request_order(server: HttpCheckServer) -> 
     await _close(writer)
 
 
+async def test_deep_pipeline_pauses_and_resumes_reading(server: HttpCheckServer) -> None:
+    reader, writer = await _open(server)
+    writer.write(b"".join(b"GET /tag/%d HTTP/1.1\r\nhost: a\r\n\r\n" % i for i in range(40)))
+    tags = [dict((await _read_response(reader))[1])["x-tag"] for _ in range(40)]
+    assert tags == [f"/tag/{i}" for i in range(40)]
+    await _close(writer)
+
+
+async def test_half_close_still_gets_answers(server: HttpCheckServer) -> None:
+    reader, writer = await _open(server)
+    writer.write(b"GET /slow/50 HTTP/1.1\r\nhost: a\r\n\r\nGET /tag/b HTTP/1.1\r\nhost: a\r\n\r\n")
+    writer.write_eof()
+    assert [(await _read_response(reader))[0] for _ in range(2)] == [200, 200]
+    await _assert_eof(reader)
+    await _close(writer)
+
+
 async def test_malformed_request_400_closes_only_that_connection(server: HttpCheckServer) -> None:
     good_r, good_w = await _open(server)
     bad_r, bad_w = await _open(server)
@@ -493,6 +510,8 @@ _SCENARIOS = [
     test_keep_alive_many_requests_one_connection,
     test_connection_close_and_http10,
     test_pipelined_answers_keep_request_order,
+    test_deep_pipeline_pauses_and_resumes_reading,
+    test_half_close_still_gets_answers,
     test_malformed_request_400_closes_only_that_connection,
     test_header_dribble_is_bounded,
     test_check_raising_is_internal_error,
