@@ -211,6 +211,7 @@ class AuditLog:
             "method": attrs.method[:16],
             "path": path,
             "decision": outcome(d),
+            "would_deny": d.would_deny,
             "status": d.status,
             "code": d.code,
             "tid": p.tid if p else "",

@@ -124,3 +124,10 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "apis[0].routes[0].require.roles_any: expected a list of strings" in err
     assert cli.main(["check-config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MINIMAL.replace("audiences: [api://orders]", "audiences: []"))
+    assert cli.main(["serve", "--config", str(bad), "--plain-logs"]) == 2
+    assert "apis[0].audiences" in capsys.readouterr().err
