@@ -1,0 +1,346 @@
+"""deploy/monitoring: the alert rules and the Grafana dashboard only reference series the service
+really exports, with labels those series really carry.
+
+The reference is a real ``/metrics`` exposition: ``authz.observability.Metrics`` plus the process
+collector on a private registry, with one sample of every labelled series recorded the way the
+service records it, rendered by ``generate_latest`` and parsed back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import prometheus_client as prom
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from authz.observability import Metrics
+from authz.policy.errors import Code
+from authz.policy.model import Decision
+
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "deploy" / "monitoring"
+ALERTS = MONITORING / "alerts.yaml"
+DASHBOARD = MONITORING / "dashboard.json"
+
+# Labels Prometheus attaches when it scrapes (target labels), not present in the exposition.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container"}
+SEVERITIES = {"critical", "warning", "info"}
+METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])((?:authz|process)_[a-z0-9_]+)(?![A-Za-z0-9_:])")
+STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+SELECTOR_RE = re.compile(r"((?:authz|process)_[a-z0-9_]+)\s*\{([^}]*)\}")
+MATCHER_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+GROUPING_RE = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+# Codes by the HTTP status the policy gives them (authz.policy.errors); the rise alerts and the
+# dashboard's share panels split denies by these lists.
+NOT_401_OR_403 = {
+    "ok",
+    "invalid_request",
+    "non_canonical_path",
+    "rate_limited",
+    "keys_unavailable",
+    "internal_error",
+}
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _alert_rules() -> list[dict]:
+    doc = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def _dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _all_panels(dash: dict) -> list[dict]:
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))  # collapsed rows hold their panels
+    return out
+
+
+def _dashboard_exprs(dash: dict) -> list[str]:
+    exprs = [t["expr"] for p in _all_panels(dash) for t in p.get("targets", [])]
+    for var in dash.get("templating", {}).get("list", []):
+        q = var.get("query")
+        if var.get("type") == "query":
+            exprs.append(q["query"] if isinstance(q, dict) else q)
+    exprs.extend(a["expr"] for a in dash.get("annotations", {}).get("list", []) if "expr" in a)
+    return exprs
+
+
+def _exprs() -> list[str]:
+    return [r["expr"] for r in _alert_rules()] + _dashboard_exprs(_dashboard())
+
+
+# --------------------------------------------------------------------------------- exposition
+
+
+@pytest.fixture(scope="module")
+def exposition() -> dict[str, set[str]]:
+    """Sample name -> the label names it carries, from a real /metrics rendering."""
+    registry = prom.CollectorRegistry()
+    metrics = Metrics(registry)
+    prom.ProcessCollector(registry=registry)
+    d = Decision(
+        allowed=False,
+        status=401,
+        code="missing_token",
+        reason="x",
+        decision_id="d",
+        api="orders",
+        route="read",
+    )
+    metrics.record_check(d, 0.001)
+    metrics.on_refresh("contoso", "ok", 2)
+    metrics.on_refresh("contoso", "error", 2)
+    metrics.sync_cache(1, 1, 1)
+    metrics.reloads.labels("ok").inc()
+    metrics.internal_errors.labels("grpc").inc()
+    metrics.ready.set(1)
+    text = prom.generate_latest(registry).decode()
+    samples: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, set()).update(s.labels)
+    return samples
+
+
+def _strip_strings(expr: str) -> str:
+    return STRING_RE.sub('""', expr)
+
+
+def _referenced(expr: str) -> set[str]:
+    return set(METRIC_RE.findall(_strip_strings(expr)))
+
+
+def _resolve(name: str, samples: dict[str, set[str]]) -> str | None:
+    """The exposed sample a referenced name stands for (histogram base names accepted)."""
+    if name in samples:
+        return name
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name.removesuffix(suffix) + "_bucket" in samples:
+            return name
+        if name + suffix in samples:
+            return name + suffix
+    return None
+
+
+# ------------------------------------------------------------------------------------- alerts
+
+
+def test_alert_rules_are_complete() -> None:
+    rules = _alert_rules()
+    assert len(rules) >= 10
+    names = [r["alert"] for r in rules]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    for rule in rules:
+        name = rule.get("alert")
+        assert name, f"not an alerting rule: {rule}"
+        assert re.fullmatch(r"Authz[A-Za-z0-9]+", name), name
+        assert isinstance(rule.get("expr"), str), name
+        assert rule["expr"].strip(), name
+        assert re.fullmatch(r"\d+[smh]", str(rule.get("for", ""))), f"{name}: no valid for:"
+        assert rule.get("labels", {}).get("severity") in SEVERITIES, name
+        ann = rule.get("annotations", {})
+        assert ann.get("summary"), name
+        assert ann.get("description"), name
+        runbook = ann.get("runbook", "")
+        assert "authz explain" in runbook or "audit log" in runbook, f"{name}: no runbook hint"
+
+
+def test_alerts_cover_what_the_issue_asks_for() -> None:
+    rules = {r["alert"]: r for r in _alert_rules()}
+    for name in (
+        "AuthzUnauthenticatedRise",
+        "AuthzForbiddenRise",
+        "AuthzJwksRefreshFailing",
+        "AuthzJwksKeysStale",
+        "AuthzJwksNoKeys",
+        "AuthzCheckLatencyHigh",
+        "AuthzInternalErrorDenies",
+        "AuthzInternalErrors",
+        "AuthzNotReady",
+        "AuthzConfigReloadFailing",
+        "AuthzKeysUnavailableDenies",
+    ):
+        assert name in rules, name
+    for name in ("AuthzUnauthenticatedRise", "AuthzForbiddenRise"):
+        expr = rules[name]["expr"]
+        assert "by (api)" in expr
+        assert "offset 1d" in expr, "compare with the same window a day earlier"
+        # every division guards its denominator against zero
+        assert expr.count("/ (sum by (api)") == expr.count("/")
+        assert expr.count("/") == expr.count("> 0)")
+
+
+def _code_lists(expr: str) -> set[frozenset[str]]:
+    return {frozenset(m.split("|")) for m in re.findall(r'code=~"([a-z_|]+)"', expr)}
+
+
+def test_401_and_403_code_lists_classify_every_denial_code() -> None:
+    """A new code must be placed in the 401 or 403 list (or the exceptions) deliberately."""
+    rules = {r["alert"]: r for r in _alert_rules()}
+    (c401,) = _code_lists(rules["AuthzUnauthenticatedRise"]["expr"])
+    (c403,) = _code_lists(rules["AuthzForbiddenRise"]["expr"])
+    codes = {c.value for c in Code}
+    assert c401 <= codes
+    assert c403 <= codes
+    assert not c401 & c403
+    assert c401 | c403 | NOT_401_OR_403 == codes
+    assert {"missing_token", "bad_signature", "token_expired", "audience_mismatch"} <= c401
+    assert {"missing_role", "missing_scope", "no_matching_route", "unknown_api"} <= c403
+    # the dashboard's share panels use the same lists
+    dash_lists = set().union(*(_code_lists(e) for e in _dashboard_exprs(_dashboard())))
+    assert dash_lists == {c401, c403}
+
+
+def test_single_code_matchers_name_real_codes() -> None:
+    codes = {c.value for c in Code}
+    for expr in _exprs():
+        for name, op, value in MATCHER_RE.findall(expr):
+            if name == "code" and op in ("=", "!="):
+                assert value in codes, value
+
+
+# ---------------------------------------------------------------------------------- dashboard
+
+
+def test_dashboard_structure() -> None:
+    dash = _dashboard()
+    assert dash["title"]
+    assert dash["uid"]
+    assert 36 <= dash["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    panels = [p for p in _all_panels(dash) if p["type"] != "row"]
+    assert len(panels) >= 12
+    ids = [p["id"] for p in _all_panels(dash)]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    for p in panels:
+        assert p["title"], p
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["expr"].strip(), p["title"]
+            assert t["refId"], p["title"]
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+        grid = p["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, p["title"]
+    joined = "\n".join(_dashboard_exprs(dash))
+    for needle in (
+        "sum by (api, decision) (rate(authz_checks_total",
+        "sum by (code)",
+        "histogram_quantile(0.5,",
+        "histogram_quantile(0.99,",
+        "time() - authz_jwks_last_success_timestamp_seconds",
+        "authz_jwks_keys",
+        "authz_jwks_refreshes_total",
+        "authz_token_cache_hits_total",
+        "authz_config_reloads_total",
+        "authz_ready",
+        "authz_internal_errors_total",
+    ):
+        assert needle in joined, needle
+
+
+# ----------------------------------------------------------------------- against /metrics
+
+
+def test_every_referenced_metric_is_exported(exposition: dict[str, set[str]]) -> None:
+    referenced = set().union(*(_referenced(e) for e in _exprs()))
+    assert "authz_checks_total" in referenced
+    assert "authz_check_duration_seconds_bucket" in referenced
+    missing = sorted(n for n in referenced if _resolve(n, exposition) is None)
+    assert not missing, f"not in /metrics: {missing}"
+
+
+def test_every_exported_authz_metric_is_used(exposition: dict[str, set[str]]) -> None:
+    """The other direction: nothing the service exports is forgotten by the dashboard."""
+    used = set().union(*(_referenced(e) for e in _dashboard_exprs(_dashboard())))
+    families = {
+        re.sub(r"_(bucket|sum|count|created)$", "", n)
+        for n in exposition
+        if n.startswith("authz_") and not n.endswith("_created")
+    }
+    used_families = {re.sub(r"_(bucket|sum|count)$", "", n) for n in used}
+    assert families <= used_families, sorted(families - used_families)
+
+
+def test_matcher_labels_exist_on_their_metric(exposition: dict[str, set[str]]) -> None:
+    for expr in _exprs():
+        for name, body in SELECTOR_RE.findall(expr):
+            sample = _resolve(name, exposition)
+            assert sample is not None, name
+            for label, _op, _value in MATCHER_RE.findall(body):
+                assert label in exposition[sample] | TARGET_LABELS, f"{name}{{{label}}}"
+
+
+def _aggregations(expr: str) -> list[tuple[str, list[str], str]]:
+    """(keyword, labels, argument) for every ``agg by|without (labels) (argument)``."""
+    out = []
+    for m in re.finditer(r"\b(by|without)\s*\(([^)]*)\)\s*\(", expr):
+        start = m.end() - 1
+        depth = 0
+        for i in range(start, len(expr)):
+            depth += {"(": 1, ")": -1}.get(expr[i], 0)
+            if depth == 0:
+                break
+        labels = [x.strip() for x in m.group(2).split(",") if x.strip()]
+        out.append((m.group(1), labels, expr[start : i + 1]))
+    return out
+
+
+def test_grouping_labels_exist_on_their_metrics(exposition: dict[str, set[str]]) -> None:
+    for raw in _exprs():
+        expr = _strip_strings(raw)
+        assert not re.search(r"\)\s*(by|without)\s*\(", expr), f"use the prefix form: {raw}"
+        for kw, labels, argument in _aggregations(expr):
+            metrics = _referenced(argument)
+            assert metrics, argument
+            have = [exposition[_resolve(m, exposition) or m] | TARGET_LABELS for m in metrics]
+            for label in labels:
+                if kw == "by":  # grouping by a label some series lack silently merges them
+                    assert all(label in h for h in have), f"by ({label}) in {raw}"
+                else:  # without: it must at least exist somewhere in the argument
+                    assert any(label in h for h in have), f"without ({label}) in {raw}"
+        # on/ignoring/group_*: the label must exist on some metric of the expression
+        everything = set().union(
+            *(exposition[_resolve(m, exposition) or m] for m in _referenced(expr))
+        )
+        for kw, body in GROUPING_RE.findall(expr):
+            if kw in ("by", "without"):
+                continue
+            for label in (x.strip() for x in body.split(",") if x.strip()):
+                assert label in everything | TARGET_LABELS, f"{kw} ({label}) in {raw}"
+
+
+def test_expressions_are_balanced() -> None:
+    """A cheap syntax check for machines without promtool."""
+    for raw in _exprs():
+        expr = _strip_strings(raw)
+        for open_, close in ("()", "{}", "[]"):
+            depth = 0
+            for ch in expr:
+                depth += (ch == open_) - (ch == close)
+                assert depth >= 0, raw
+            assert depth == 0, raw
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_check_rules() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
