@@ -122,6 +122,11 @@ class Service:
         """The engine alone, for offline tools (``authz explain``) and benchmarks."""
         return self._state.engine.check(attrs)
 
+    def housekeeping(self) -> None:
+        """Periodic, off the check path: fold cache counters into metrics, flush the audit log."""
+        self.sync_cache_metrics()
+        self.audit.flush()
+
     def sync_cache_metrics(self) -> None:
         cache = self._state.cache
         if cache is not None:

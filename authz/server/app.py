@@ -194,7 +194,7 @@ class App:
                 self.service.metrics.ready.set(1 if ready else 0)
                 log.info("readiness: %s", "ready" if ready else "not ready")
                 was_ready = ready
-            self.service.sync_cache_metrics()
+            self.service.housekeeping()
             now = time.monotonic()
             if now - last_watch >= self.watch_interval_s:
                 last_watch = now
@@ -250,6 +250,7 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.service.housekeeping()
         await self.service.close()
         await self._admin.close()
         self._remove_signal_handlers()
