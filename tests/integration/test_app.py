@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -240,3 +241,23 @@ async def test_graceful_stop_answers_in_flight_checks(tmp_path: Path, idp: DevId
     assert [getattr(r, "status", r).code for r in results] == [0] * len(tokens)
     # a check arriving after shutdown began is refused, not silently dropped
     assert isinstance(late[0], grpc.aio.AioRpcError)
+
+
+async def test_dry_run_is_counted_and_logged(running: Running, idp: DevIdP) -> None:
+    token = idp.mint(aud="api://orders", scp="Orders.Read")  # lacks the role Orders.Reports
+    resp = await running.check("/orders/reports/q3", token)
+    assert resp.status.code == 0  # allowed: the route is in dry-run
+    assert resp.dynamic_metadata.fields["code"].string_value == "missing_role"
+    labels = {
+        "api": "orders",
+        "route": "reports",
+        "decision": "dry_run_deny",
+        "code": "missing_role",
+    }
+    assert running.metric("authz_checks_total", labels) == 1
+    line = json.loads(running.audit.getvalue().splitlines()[-1])
+    assert (line["decision"], line["would_deny"], line["code"]) == (
+        "dry_run_deny",
+        True,
+        "missing_role",
+    )
