@@ -122,6 +122,20 @@ apis:
 """
 
 
+def stack_config(instance: str, *, unknown_kid_interval: float = 300) -> str:
+    """The built-in configuration, pointed at a dev IdP's base URL."""
+    return STACK_CONFIG.format(
+        instance=instance,
+        contoso=CONTOSO,
+        fabrikam=FABRIKAM,
+        orders_id=ORDERS_API_ID,
+        inventory_id=INVENTORY_API_ID,
+        admins=ADMINS_GROUP,
+        client=CLIENT_APP,
+        unknown_kid_interval=unknown_kid_interval,
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -194,17 +208,10 @@ class Stack:
         self._start_envoy()
         return self
 
-    def render_config(self, template: str | None = None) -> str:
-        return (template or self.config_text or STACK_CONFIG).format(
-            instance=self.idp.base_url,
-            contoso=CONTOSO,
-            fabrikam=FABRIKAM,
-            orders_id=ORDERS_API_ID,
-            inventory_id=INVENTORY_API_ID,
-            admins=ADMINS_GROUP,
-            client=CLIENT_APP,
-            unknown_kid_interval=self.unknown_kid_interval,
-        )
+    def render_config(self) -> str:
+        if self.config_text is not None:
+            return self.config_text.replace("{instance}", self.idp.base_url)
+        return stack_config(self.idp.base_url, unknown_kid_interval=self.unknown_kid_interval)
 
     def authz_env(self) -> dict[str, str]:
         env = dict(os.environ)

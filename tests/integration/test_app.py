@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import STACK_CONFIG
+from authz.devstack import stack_config
 from authz.observability import AuditLog, Metrics
 from authz.policy.model import Decision, RequestAttrs
 from authz.server.app import App
@@ -35,16 +35,7 @@ def idp() -> Iterator[DevIdP]:
 
 
 def write_config(path: Path, idp: DevIdP, *, interval: float = 0, extra: str = "") -> Path:
-    text = STACK_CONFIG.format(
-        instance=idp.base_url,
-        contoso=CONTOSO,
-        fabrikam=FABRIKAM,
-        orders_id="aaaaaaaa-0000-4000-8000-00000000000a",
-        inventory_id="cccccccc-0000-4000-8000-00000000000c",
-        admins="33333333-3333-4333-8333-333333333333",
-        client="bbbbbbbb-0000-4000-8000-00000000000b",
-        unknown_kid_interval=interval,
-    )
+    text = stack_config(idp.base_url, unknown_kid_interval=interval)
     path.write_text(text + extra)
     return path
 

@@ -12,7 +12,7 @@ import pytest
 
 from authz import cli
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import STACK_CONFIG
+from authz.devstack import stack_config
 
 pytestmark = pytest.mark.integration
 
@@ -26,18 +26,7 @@ def idp() -> Iterator[DevIdP]:
 @pytest.fixture(scope="module")
 def config(idp: DevIdP, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("explain") / "authz.yaml"
-    path.write_text(
-        STACK_CONFIG.format(
-            instance=idp.base_url,
-            contoso=CONTOSO,
-            fabrikam=FABRIKAM,
-            orders_id="aaaaaaaa-0000-4000-8000-00000000000a",
-            inventory_id="cccccccc-0000-4000-8000-00000000000c",
-            admins="33333333-3333-4333-8333-333333333333",
-            client="bbbbbbbb-0000-4000-8000-00000000000b",
-            unknown_kid_interval=300,
-        )
-    )
+    path.write_text(stack_config(idp.base_url))
     return path
 
 

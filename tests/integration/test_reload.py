@@ -17,7 +17,7 @@ import pytest
 from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import STACK_CONFIG
+from authz.devstack import stack_config
 from authz.observability import AuditLog, Metrics
 from authz.server.app import App
 from authz.service import Service
@@ -32,16 +32,7 @@ def idp() -> Iterator[DevIdP]:
 
 
 def render(idp: DevIdP, scope: str = "Orders.Read") -> str:
-    text = STACK_CONFIG.format(
-        instance=idp.base_url,
-        contoso=CONTOSO,
-        fabrikam=FABRIKAM,
-        orders_id="aaaaaaaa-0000-4000-8000-00000000000a",
-        inventory_id="cccccccc-0000-4000-8000-00000000000c",
-        admins="33333333-3333-4333-8333-333333333333",
-        client="bbbbbbbb-0000-4000-8000-00000000000b",
-        unknown_kid_interval=300,
-    )
+    text = stack_config(idp.base_url)
     return text.replace("scopes_any: [Orders.Read]", f"scopes_any: [{scope}]")
 
 
