@@ -43,6 +43,9 @@ DURATION_BUCKETS = (
     0.1,
 )
 
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
+_FLUSH_BYTES = 64 * 1024
+
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*\.?[A-Za-z0-9_-]*")
 REDACTED = "[redacted-token]"
 
@@ -187,7 +190,8 @@ class AuditLog:
         self.allow_sample_rate = allow_sample_rate
         self._rand = rand
         self._clock = clock
-        self._dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+        self._buffer: list[str] = []
+        self._buffered = 0
 
     def wants(self, d: Decision) -> bool:
         if not d.allowed or d.would_deny:
@@ -200,39 +204,37 @@ class AuditLog:
         if not self.wants(d):
             return
         p = d.principal
+        q = _quote
         path = attrs.path.partition("?")[0][:512]  # never the query: it may carry secrets
-        line = {
-            "ts": round(self._clock(), 3),
-            "log": "audit",
-            "request_id": attrs.request_id,
-            "decision_id": d.decision_id,
-            "api": d.api,
-            "route": d.route,
-            "method": attrs.method[:16],
-            "path": path,
-            "decision": outcome(d),
-            "would_deny": d.would_deny,
-            "status": d.status,
-            "code": d.code,
-            "tid": p.tid if p else "",
-            "oid": p.oid if p else "",
-            "azp": p.client_id if p else "",
-            "uti": p.uti if p else "",
-            "latency_us": round(seconds * 1e6, 1),
-        }
-        try:
-            self._stream.write(self._dumps(line) + "\n")
-        except (OSError, ValueError):
-            # A closed or full stdout must not turn a decision into an error.
-            return
-
+        # An f-string over escaped fields: the same JSON as json.dumps on a dict, at half the cost.
+        line = (
+            f'{{"ts":{self._clock():.3f},"log":"audit","request_id":{q(attrs.request_id)},'
+            f'"decision_id":{q(d.decision_id)},"api":{q(d.api)},"route":{q(d.route)},'
+            f'"method":{q(attrs.method[:16])},"path":{q(path)},"decision":"{outcome(d)}",'
+            f'"would_deny":{"true" if d.would_deny else "false"},"status":{int(d.status)},'
+            f'"code":{q(d.code)},"tid":{q(p.tid if p else "")},"oid":{q(p.oid if p else "")},'
+            f'"azp":{q(p.client_id if p else "")},"uti":{q(p.uti if p else "")},'
+            f'"latency_us":{seconds * 1e6:.1f}}}\n'
+        )
+        # Buffered in-process: one write per flush (every 250 ms), not one system call per check.
+        self._buffer.append(line)
+        self._buffered += len(line)
+        if self._buffered >= _FLUSH_BYTES:
+            self.flush()
 
     def flush(self) -> None:
-        """Called every 250 ms by the app: stdout to a pipe is block-buffered, and an operator
-        must not wait for 8 KiB of traffic to see a deny."""
+        """Write what is buffered. Called every 250 ms by the app and at shutdown: an operator
+        must not wait for a buffer to fill to see a deny."""
+        if not self._buffer:
+            return
+        chunk = "".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
         try:
+            self._stream.write(chunk)
             self._stream.flush()
         except (OSError, ValueError):
+            # A closed or full stdout must not turn a decision into an error.
             return
 
 

@@ -127,6 +127,7 @@ async def test_serving_health_metrics_and_a_check(running: Running, idp: DevIdP)
     assert "authz_check_duration_seconds_bucket" in body
     assert "authz_jwks_keys" in body
     assert "authz_build_info" in body
+    running.app.service.audit.flush()
     audit = running.audit.getvalue().splitlines()
     assert len(audit) == 2
     assert '"code":"missing_token"' in audit[1]
@@ -246,6 +247,7 @@ async def test_dry_run_is_counted_and_logged(running: Running, idp: DevIdP) -> N
         "code": "missing_role",
     }
     assert running.metric("authz_checks_total", labels) == 1
+    running.app.service.audit.flush()
     line = json.loads(running.audit.getvalue().splitlines()[-1])
     assert (line["decision"], line["would_deny"], line["code"]) == (
         "dry_run_deny",
