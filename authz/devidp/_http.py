@@ -57,6 +57,9 @@ class JSONHandler(BaseHTTPRequestHandler):
     sys_version = ""
     # Idle keep-alive connections are dropped after this many seconds.
     timeout = 30
+    # Headers and body go out in separate writes: without TCP_NODELAY, Nagle + delayed ACK add
+    # ~40 ms to every keep-alive response (Envoy -> echo measured 340 req/s instead of thousands).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("%s %s", self.address_string(), format % args)
