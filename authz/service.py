@@ -100,6 +100,19 @@ class Service:
 
     # ---------------------------------------------------------------------------------- check
 
+    def check_now(self, attrs: RequestAttrs) -> Decision | None:
+        """Decide without awaiting: the decision (recorded), or None when the token's key is
+        unknown and a refresh may be due — then ``check`` must run (it awaits the refresh)."""
+        start = time.perf_counter()
+        try:
+            decision = self._state.engine.check(attrs)
+            if decision.refresh_issuer and self._state.keys.refresh_due(decision.refresh_issuer):
+                return None
+        except Exception:
+            decision = self._internal_error(attrs)
+        self._record(attrs, decision, time.perf_counter() - start)
+        return decision
+
     async def check(self, attrs: RequestAttrs) -> Decision:
         start = time.perf_counter()
         state = self._state
@@ -110,13 +123,18 @@ class Service:
             ):
                 decision = state.engine.check(attrs)
         except Exception:
-            log.exception("check failed; denying with internal_error")
-            self.metrics.internal_errors.labels("service").inc()
-            decision = internal_error(new_decision_id(), attrs.request_id)
-        elapsed = time.perf_counter() - start
+            decision = self._internal_error(attrs)
+        self._record(attrs, decision, time.perf_counter() - start)
+        return decision
+
+    def _internal_error(self, attrs: RequestAttrs) -> Decision:
+        log.exception("check failed; denying with internal_error")
+        self.metrics.internal_errors.labels("service").inc()
+        return internal_error(new_decision_id(), attrs.request_id)
+
+    def _record(self, attrs: RequestAttrs, decision: Decision, elapsed: float) -> None:
         self.metrics.record_check(decision, elapsed)
         self.audit.record(attrs, decision, elapsed)
-        return decision
 
     def check_sync(self, attrs: RequestAttrs) -> Decision:
         """The engine alone, for offline tools (``authz explain``) and benchmarks."""

@@ -377,16 +377,22 @@ class KeyStore:
         """The transport met an unknown ``kid`` for ``issuer``: refresh, at most once per
         ``unknown_kid_min_interval_s`` (a fetch already in progress is joined for free).
         True when new keys were installed (worth checking the token again)."""
+        if not self.refresh_due(issuer):
+            return False
+        if issuer not in self._inflight:
+            self._last_forced[issuer] = self._clock()
+        return await self.refresh(issuer) == "ok"
+
+    def refresh_due(self, issuer: str) -> bool:
+        """Would ``refresh_unknown_kid`` fetch (or join a fetch in progress) right now? False
+        lets a transport answer ``unknown_signing_key`` at once, without awaiting anything."""
         spec = self._specs.get(issuer)
         if spec is None:
             return False
-        if issuer not in self._inflight:
-            now = self._clock()
-            last = self._last_forced.get(issuer)
-            if last is not None and now - last < spec.unknown_kid_min_interval_s:
-                return False
-            self._last_forced[issuer] = now
-        return await self.refresh(issuer) == "ok"
+        if issuer in self._inflight:
+            return True
+        last = self._last_forced.get(issuer)
+        return last is None or self._clock() - last >= spec.unknown_kid_min_interval_s
 
     def _forget(self, issuer: str, task: asyncio.Task[str]) -> None:
         if self._inflight.get(issuer) is task:

@@ -154,11 +154,11 @@ class App:
                     raise OSError(f"cannot listen on {extra}")
             await self._grpc.start()
         if self.http_listen:
-            self._http = HttpCheckServer(self.service.check, on_error=self._on_error)
+            self._http = self._http_server()
             host, port = split_hostport(self.http_listen)
             self.http_port = await self._http.start(host, port, reuse_port=self.reuse_port)
             for extra in self.http_extra_listens:
-                server = HttpCheckServer(self.service.check, on_error=self._on_error)
+                server = self._http_server()
                 await server.start(*split_hostport(extra), reuse_port=self.reuse_port)
                 self._http_extra.append(server)
         await self.service.start()
@@ -168,6 +168,11 @@ class App:
             self.grpc_port or "-",
             self.http_port or "-",
             self.admin_port or "-",
+        )
+
+    def _http_server(self) -> HttpCheckServer:
+        return HttpCheckServer(
+            self.service.check, on_error=self._on_error, check_now=self.service.check_now
         )
 
     def _on_error(self, exc: BaseException) -> None:

@@ -436,6 +436,49 @@ async def test_check_raising_is_internal_error(core: FakeCore) -> None:
         await srv.close(1.0)
 
 
+class FastCore(FakeCore):
+    """A synchronous ``check_now`` that decides /fast/* at once, defers /slow/* (None: needs
+    I/O, so ``check`` runs in a Task) and raises on /fast-raise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast: list[str] = []
+
+    def check_now(self, attrs: RequestAttrs) -> Decision | None:
+        if attrs.path == "/fast-raise":
+            raise RuntimeError("engine bug")
+        if attrs.path.startswith("/fast/"):
+            self.fast.append(attrs.path)
+            return _tagged(attrs.path)
+        return None
+
+
+async def test_check_now_answers_without_a_task_and_keeps_pipeline_order() -> None:
+    core = FastCore()
+    errors: list[BaseException] = []
+    srv = HttpCheckServer(core.check, check_now=core.check_now, on_error=errors.append)
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # a deferred (slow) request first, then a fast one: answers must keep request order
+        writer.write(
+            b"GET /slow/50 HTTP/1.1\r\nhost: a\r\n\r\n"
+            b"GET /fast/1 HTTP/1.1\r\nhost: a\r\n\r\n"
+            b"GET /fast-raise HTTP/1.1\r\nhost: a\r\n\r\n"
+        )
+        tags = []
+        for _ in range(3):
+            status, headers, _ = await _read_response(reader)
+            tags.append((status, dict(headers).get("x-tag", dict(headers).get("x-authz-code"))))
+        assert tags == [(200, "/slow/50"), (200, "/fast/1"), (503, "internal_error")]
+        assert core.fast == ["/fast/1"]
+        assert [a.path for a in core.seen] == ["/slow/50"]  # only the deferred one hit check()
+        assert [type(e) for e in errors] == [RuntimeError]
+        await _close(writer)
+    finally:
+        await srv.close(1.0)
+
+
 async def test_graceful_close_finishes_in_flight(core: FakeCore) -> None:
     srv = HttpCheckServer(core.check)
     port = await srv.start("127.0.0.1", 0)

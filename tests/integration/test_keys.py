@@ -208,12 +208,16 @@ async def test_unknown_kid_flood_is_bounded(idp: DevIdP, client: httpx.AsyncClie
             v.verify(idp.mint(header_extra={"kid": f"flood-{i}"}), api("contoso"))
         issuers.add(info.value.issuer)
     assert issuers == {"contoso"}
+    assert store.refresh_due("contoso")
     results = await asyncio.gather(*(store.refresh_unknown_kid("contoso") for _ in range(10_000)))
     assert idp.request_count("keys") == 1
     assert not any(results)  # the keys did not change
+    assert not store.refresh_due("contoso")  # transports answer at once, awaiting nothing
+    assert not store.refresh_due("no-such-issuer")
     results = await asyncio.gather(*(store.refresh_unknown_kid("contoso") for _ in range(10_000)))
     assert idp.request_count("keys") == 1  # same interval: refused without a fetch
     clock.now += 301
+    assert store.refresh_due("contoso")
     await asyncio.gather(*(store.refresh_unknown_kid("contoso") for _ in range(10_000)))
     assert idp.request_count("keys") == 2
     await store.close()
