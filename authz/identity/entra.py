@@ -33,7 +33,6 @@ Must not import grpc, prometheus, asyncio or network libraries (a test checks th
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import json
 import math
@@ -116,6 +115,8 @@ _LAST_OF_3 = frozenset("AEIMQUYcgkosw048")
 FORBIDDEN_HEADER_PARAMETERS = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64", "nonce"})
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _TEMPLATE = "{tenantid}"
+_MAX_CACHED_HEADERS = 256
+_APP, _USER = TokenKind.APP, TokenKind.USER
 _MISSING: Any = object()
 
 
@@ -131,10 +132,9 @@ def _b64url(segment: str) -> bytes:
     """Strict, canonical, unpadded base64url. ``a2b_base64(strict_mode=True)`` rejects every
     character outside the standard alphabet; '+', '/' and '=' are refused before translating.
 
-    The caller has checked that the token is ASCII. ``-``/``_`` -> ``+``/``/`` uses two
-    ``bytes.replace`` calls, not ``bytes.translate``: JSON text encodes to few or none of them,
-    and a replace with no match is a memchr scan (~15x faster than translate's per-byte loop on
-    a 2 KB payload); with many matches it is still linear.
+    ``-``/``_`` -> ``+``/``/`` uses two ``str.replace`` calls, not ``bytes.translate``: JSON text
+    encodes to few or none of them, and a replace with no match is a memchr scan (~15x faster
+    than translate's per-byte loop on a 2 KB payload); with many matches it is still linear.
     """
     if "+" in segment or "/" in segment or "=" in segment:
         raise _Malformed
@@ -150,10 +150,9 @@ def _b64url(segment: str) -> bytes:
     elif rest == 1:
         raise _Malformed
     try:
-        return a2b_base64(
-            segment.encode("ascii").replace(b"-", b"+").replace(b"_", b"/"), strict_mode=True
-        )
-    except binascii.Error:
+        # a2b_base64 reads an ASCII str in place: no encode() copy.
+        return a2b_base64(segment.replace("-", "+").replace("_", "/"), strict_mode=True)
+    except ValueError:  # binascii.Error, or a non-ASCII str
         raise _Malformed from None
 
 
@@ -281,6 +280,12 @@ class TokenVerifier:
         self._keys = keys
         self._clock = clock
         self._cache = cache
+        # Header segment -> (alg, kid) for headers that passed step 3. The result is a pure
+        # function of the segment and of this verifier's allowlist, and Entra signs with a
+        # handful of keys, so nearly every token repeats a header seen before: a hit skips the
+        # base64 decode, the JSON parse and the checks. Failures are never stored; the dict is
+        # cleared when full, so a flood of distinct headers costs memory only up to the bound.
+        self._headers: dict[str, tuple[str, str]] = {}
 
     @property
     def cache(self) -> ClaimsCache | None:
@@ -332,15 +337,10 @@ class TokenVerifier:
         if not h64 or not p64:
             raise _deny(Code.MALFORMED_TOKEN)
         try:
-            header = _json_object(_b64url(h64))
-            alg = header.get("alg")
-            if type(alg) is not str or alg not in self._algorithms:
-                raise _deny(Code.ALGORITHM_NOT_ALLOWED)
-            if not FORBIDDEN_HEADER_PARAMETERS.isdisjoint(header):
-                raise _deny(Code.FORBIDDEN_HEADER_PARAMETER)
-            kid = header.get("kid")
-            if type(kid) is not str or not KID_RE.fullmatch(kid):
-                raise _deny(Code.MALFORMED_TOKEN, "the token header has no valid 'kid'")
+            checked = self._headers.get(h64)
+            if checked is None:
+                checked = self._check_header(h64)
+            alg, kid = checked
             payload = _json_object(_b64url(p64))
             signature = _b64url(s64)
         except _Duplicate:
@@ -405,6 +405,24 @@ class TokenVerifier:
         if key.issuer is not None and not _key_issuer_ok(key.issuer, iss, tid, ver, snap, spec):
             raise _deny(Code.KEY_ISSUER_MISMATCH)
         return _principal(payload, name, iss, tid, ver, aud, exp), kid
+
+    def _check_header(self, h64: str) -> tuple[str, str]:
+        """Step 3 on a header segment not seen before: ``(alg, kid)``, remembered on success.
+        Raises a denial, ``_Malformed`` or ``_Duplicate``."""
+        header = _json_object(_b64url(h64))
+        alg = header.get("alg")
+        if type(alg) is not str or alg not in self._algorithms:
+            raise _deny(Code.ALGORITHM_NOT_ALLOWED)
+        if not FORBIDDEN_HEADER_PARAMETERS.isdisjoint(header):
+            raise _deny(Code.FORBIDDEN_HEADER_PARAMETER)
+        kid = header.get("kid")
+        if type(kid) is not str or not KID_RE.fullmatch(kid):
+            raise _deny(Code.MALFORMED_TOKEN, "the token header has no valid 'kid'")
+        headers = self._headers
+        if len(headers) >= _MAX_CACHED_HEADERS:
+            headers.clear()
+        headers[h64] = (alg, kid)
+        return alg, kid
 
     def _select_issuer(
         self, api: ApiSpec, iss: str, tid: str, ver: str
@@ -620,7 +638,7 @@ def _principal(
         oid,
         sub,
         azp or appid,  # client_id
-        TokenKind.APP if app_only else TokenKind.USER,
+        _APP if app_only else _USER,
         ver,
         iss,
         aud,

@@ -278,3 +278,36 @@ def test_array_claims_of_strings_pass(
 ) -> None:
     for value in ([], ["x"], ["x", "", "y"]):
         verifier.verify(minter.token(**{claim: value}), env.make_api())
+
+
+# --------------------------------------------------------------------------------- header cache
+
+
+def test_header_cache_stores_only_checked_headers(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace
+) -> None:
+    api = env.make_api()
+    bad = minter.token(header=minter.header(jku="https://evil.example/keys"))
+    for _ in range(2):  # a refused header is refused again, with the same code
+        with pytest.raises(Unauthenticated) as denied:
+            verifier.verify(bad, api)
+        assert denied.value.code is Code.FORBIDDEN_HEADER_PARAMETER
+    assert verifier._headers == {}
+    good = minter.token()
+    verifier.verify(good, api)
+    verifier.verify(good, api)
+    assert verifier._headers == {good.split(".")[0]: ("RS256", env.KID)}
+    # The cached header does not vouch for anything else: a tampered payload still fails.
+    h, _payload, s = good.split(".")
+    tampered = f"{h}.{env.b64url(b'{}')}.{s}"
+    with pytest.raises(Unauthenticated):
+        verifier.verify(tampered, api)
+
+
+def test_header_cache_is_bounded(verifier: TokenVerifier, env: SimpleNamespace) -> None:
+    api = env.make_api()
+    for i in range(entra._MAX_CACHED_HEADERS * 3):
+        header = json.dumps({"alg": "RS256", "kid": f"k{i}"}).encode()
+        with pytest.raises(Unauthenticated):  # no iss: missing_claim
+            verifier.verify(f"{env.b64url(header)}.{env.b64url(b'{}')}.AAAA", api)
+        assert len(verifier._headers) <= entra._MAX_CACHED_HEADERS
