@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="config",
         help="which ext_authz transports to serve (default: as configured)",
     )
-    s.add_argument("--workers", type=int, default=None, help="processes (0 = one per CPU)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes (default: server.workers; 0 = one per available CPU, cgroup-aware)",
+    )
     s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "INFO"))
     s.add_argument("--plain-logs", action="store_true", help="human-readable logs, not JSON")
     s.set_defaults(func=cmd_serve)

@@ -76,7 +76,7 @@ class ServerSettings:
     http_listen: str = ""
     admin_listen: str = "127.0.0.1:9090"
     shutdown_grace_s: float = 10.0
-    workers: int = 1  # 0 = one per available CPU
+    workers: int = 0  # 0 = one per available CPU (cgroup-aware)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +127,7 @@ class _Server(_Model):
     http_listen: StrictStr = ""
     admin_listen: StrictStr = "127.0.0.1:9090"
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=600)
-    workers: int = Field(default=1, ge=0, le=256)
+    workers: int = Field(default=0, ge=0, le=256)
 
     _check_listen = field_validator("grpc_listen", "http_listen", "admin_listen")(_listen)
 

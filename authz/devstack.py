@@ -44,6 +44,7 @@ server:
   grpc_listen: "127.0.0.1:0"
   admin_listen: "127.0.0.1:0"
   shutdown_grace_seconds: 5
+  workers: 1    # one process: the demo's tour and the e2e tests read its own logs and metrics
 tokens:
   clock_skew_seconds: 60
 issuers:

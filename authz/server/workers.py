@@ -1,15 +1,18 @@
 """Process model: one process (``workers: 1``) or a supervisor with N worker processes.
 
-``--workers 1`` (the default) runs the service in this process, exactly as before.
+``workers: 0`` / ``--workers 0`` (the default) means one worker per available CPU (the affinity
+mask capped by the cgroup CPU quota, see :func:`available_cpus`). One worker (``--workers 1``, or
+a single available CPU) runs the service in this process, with no supervisor.
 
-``--workers N`` (N > 1; 0 = one per available CPU, see :func:`available_cpus`) makes this process
-a *supervisor* that starts N workers (``sys.executable`` re-run, not ``fork``: gRPC's core does
-not survive a fork) and never decides a request itself:
+``--workers N`` (N > 1) makes this process a *supervisor* that starts N workers
+(``sys.executable`` re-run, not ``fork``: gRPC's core does not survive a fork) and never decides
+a request itself:
 
 - Each worker runs its own ``Service``/``App``: its own key store, claims cache and event loop.
 - Listening: every worker binds the configured gRPC/HTTP ports with SO_REUSEPORT (the kernel
-  spreads *connections*), and also a port of its own, ``base + 1 + i`` for worker ``i``. Envoy
-  multiplexes all checks of one Envoy worker over one HTTP/2 connection, so a shared port pins
+  spreads *connections*), and also a port of its own, ``port + 100 * (i + 1)`` for worker ``i``
+  (gRPC 9001 -> 9101, 9201, ...; HTTP 9002 -> 9102, 9202, ...: adjacent ports never collide).
+  Envoy multiplexes all checks of one Envoy worker over one HTTP/2 connection, so a shared port pins
   every gRPC check to one process; listing the per-worker ports as endpoints
   (``envoy/sidecar-workers.yaml``) spreads them per check. Environment knobs (no config keys, so
   a config file stays valid for single-process runs):
@@ -61,6 +64,7 @@ WORKER_ENV = "AUTHZ_WORKER"  # JSON spec of one worker (set by the supervisor on
 PORTS_ENV = "AUTHZ_WORKER_PORTS"
 GRPC_BASE_ENV = "AUTHZ_WORKER_GRPC_PORT_BASE"
 HTTP_BASE_ENV = "AUTHZ_WORKER_HTTP_PORT_BASE"
+OWN_PORT_STRIDE = 100  # worker i also listens on shared port + 100 * (i + 1)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 BACKOFF_FIRST_S = 0.5
@@ -235,7 +239,7 @@ def plan_listens(
             return ""
         host, port = _hostport(shared)
         base = env.get(base_env, "")
-        p = int(base) + i if base else port + 1 + i
+        p = int(base) + i if base else port + OWN_PORT_STRIDE * (i + 1)
         if not 0 < p < 65536:
             raise ValueError(f"per-worker port {p} out of range")
         return claim(f"{host}:{p}", f"worker {i} {what}")

@@ -125,12 +125,13 @@ def tree(tmp_path: Path, idp: DevIdP) -> Iterator[Tree]:
     cfg = write_config(tmp_path / "authz.yaml", idp)
     env = dict(os.environ)
     env.update(
-        AUTHZ_GRPC_LISTEN=f"127.0.0.1:{grpc_port}",  # own ports: base+1, base+2
-        AUTHZ_HTTP_LISTEN=f"127.0.0.1:{http_port}",  # own ports: base+4, base+5
+        AUTHZ_GRPC_LISTEN=f"127.0.0.1:{grpc_port}",
+        AUTHZ_HTTP_LISTEN=f"127.0.0.1:{http_port}",
         AUTHZ_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+        # own ports inside the free block (the default, port + 100 * (i + 1), may be taken here)
+        AUTHZ_WORKER_GRPC_PORT_BASE=str(grpc_port + 1),  # base+1, base+2
+        AUTHZ_WORKER_HTTP_PORT_BASE=str(http_port + 1),  # base+4, base+5
     )
-    env.pop("AUTHZ_WORKER_GRPC_PORT_BASE", None)
-    env.pop("AUTHZ_WORKER_HTTP_PORT_BASE", None)
     err = tmp_path / "stderr"
     cmd = [sys.executable, "-m", "authz", "serve", "--config", str(cfg), "--transport", "both"]
     cmd += ["--workers", "2", "--plain-logs"]

@@ -98,15 +98,26 @@ def test_resolve_workers() -> None:
 
 def test_per_worker_ports_follow_the_shared_ones() -> None:
     plans = plan_listens("127.0.0.1:9001", "", 3, {})
-    assert [p.grpc_own for p in plans] == ["127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004"]
+    assert [p.grpc_own for p in plans] == ["127.0.0.1:9101", "127.0.0.1:9201", "127.0.0.1:9301"]
     assert all(p.grpc == "127.0.0.1:9001" and p.http == "" and p.http_own == "" for p in plans)
 
 
+def test_default_per_worker_ports_of_adjacent_shared_ports_do_not_collide() -> None:
+    # the defaults 9001 (gRPC) and 9002 (HTTP) with both transports and many workers
+    plans = plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 64, {})
+    ports = [p.grpc_own for p in plans] + [p.http_own for p in plans]
+    assert len(set(ports)) == 128
+    assert (plans[1].grpc_own, plans[1].http_own) == ("127.0.0.1:9201", "127.0.0.1:9202")
+
+
 def test_per_worker_ports_that_collide_fail_at_startup() -> None:
-    # the defaults 9001 (gRPC) and 9002 (HTTP): gRPC worker 0 would take 9002
+    # a base that lands gRPC worker 1 on the shared HTTP port
     with pytest.raises(ValueError, match="collides") as e:
-        plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, {})
+        plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, {workers.GRPC_BASE_ENV: "9001"})
     assert workers.GRPC_BASE_ENV in str(e.value)
+    # shared ports 100 apart: gRPC worker 0 (9101) would take the shared HTTP port
+    with pytest.raises(ValueError, match="collides"):
+        plan_listens("127.0.0.1:9001", "127.0.0.1:9101", 1, {})
 
 
 def test_per_worker_port_bases_and_off() -> None:
@@ -171,7 +182,7 @@ def test_sidecar_workers_template_spreads_over_every_worker_and_validates(tmp_pa
     out.write_text(rendered)
     proc = _validate(out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # the defaults (two workers on 9002/9003) render and validate too
+    # the defaults (two workers on 9101/9201) render and validate too
     out.write_text(render(text, defaults(text)))
     proc = _validate(out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
