@@ -31,10 +31,21 @@ from authz.policy.model import ApiSpec, Decision, Mode, Principal, RequestAttrs,
 from authz.policy.paths import canonicalize
 from authz.policy.routes import ApiSelector, RouteTable
 
+_ID_BATCH = 256  # decision ids per getrandom() call: one syscall per check cost ~3 % of a check
+_id_pool: list[str] = []
+os.register_at_fork(after_in_child=_id_pool.clear)  # a forked child never reuses the parent's
+
 
 def new_decision_id() -> str:
-    """128 random bits, hex: unique per decision, and safe to show to callers."""
-    return os.urandom(16).hex()
+    """128 random bits from the OS CSPRNG, hex: unique per decision, and safe to show to callers.
+
+    Drawn in batches (``os.urandom`` of 256 ids at once), handed out once each."""
+    try:
+        return _id_pool.pop()
+    except IndexError:
+        hexed = os.urandom(16 * _ID_BATCH).hex()
+        _id_pool[:] = [hexed[i : i + 32] for i in range(0, len(hexed), 32)]
+        return _id_pool.pop()
 
 
 class Engine:

@@ -16,7 +16,6 @@ Imports only grpc, the generated code and ``authz.server.convert``/``authz.polic
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from google.protobuf.descriptor import FileDescriptor, ServiceDescriptor
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from authz.engine import new_decision_id
 from authz.policy.decisions import internal_error
 from authz.policy.model import Decision, RequestAttrs
 from authz.server.convert import (
@@ -45,10 +45,6 @@ SERVICE_NAME: str = SERVICE.full_name  # "envoy.service.auth.v3.Authorization"
 _FALLBACK: CheckResponse = decision_to_response(internal_error("", ""))
 
 
-def _new_decision_id() -> str:
-    return os.urandom(16).hex()
-
-
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """Envoy's ext_authz gRPC service around an async ``check(attrs) -> Decision``."""
 
@@ -57,7 +53,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         check: CheckFn,
         on_error: ErrorHook | None = None,
         *,
-        new_id: Callable[[], str] = _new_decision_id,
+        new_id: Callable[[], str] = new_decision_id,
     ) -> None:
         self._check = check
         self._on_error = on_error

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
-from authz.identity.bearer import extract_bearer
+from authz.identity.bearer import _is_b64token, extract_bearer
 from authz.policy.errors import BadRequest, Code, Unauthenticated
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
@@ -48,3 +51,16 @@ def test_statuses() -> None:
     with pytest.raises(Unauthenticated) as unauth:
         extract_bearer({"authorization": "Digest x"}, "")
     assert (unauth.value.status, unauth.value.code) == (401, Code.MALFORMED_TOKEN)
+
+
+def test_b64token_check_equals_the_rfc_6750_grammar() -> None:
+    """The C-speed check accepts exactly what the RFC 6750 §2.1 regex accepts."""
+    grammar = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+    alphabet = "Aa0-._~+/=" + "=" * 4 + " \t,;:!\"#%&'()*<>?@[\\]^`{|}\x00\x7f\u00e9\u2028\uff21"
+    rng = random.Random(6750)
+    samples = ["", "=", "==", "a", "a=", "a==", "=a", "a=b", "a==b=", "a b", "\u00e9", "A" * 2048]
+    samples += [
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(5000)
+    ]
+    for s in samples:
+        assert _is_b64token(s) == bool(grammar.fullmatch(s)), repr(s)

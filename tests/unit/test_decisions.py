@@ -11,6 +11,8 @@ from urllib.parse import unquote
 
 import pytest
 
+from authz import engine
+from authz.engine import new_decision_id
 from authz.policy.decisions import allow, deny, internal_error, www_authenticate
 from authz.policy.errors import (
     BadRequest,
@@ -471,3 +473,10 @@ def test_a_claim_header_may_replace_a_standard_header() -> None:
     assert headers["x-user-id"] == "ann@example.com"
     assert "x-roles" not in headers
     assert d.remove_headers == ("x-roles", "x-user-email", "authorization")
+
+
+def test_decision_ids_are_unique_128_bit_hex_across_batches() -> None:
+    engine._id_pool.clear()
+    ids = [new_decision_id() for _ in range(3 * engine._ID_BATCH + 7)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
