@@ -109,19 +109,41 @@ def _add_headers(
         add(header={"key": key, "value": value}, append=_APPEND_FALSE, append_action=_OVERWRITE)
 
 
+_OkKey = tuple[tuple[tuple[str, str], ...], tuple[str, ...]]
+_OK_TEMPLATES: dict[_OkKey, CheckResponse] = {}
+_OK_TEMPLATES_MAX = 4096
+
+
+def _ok_template(upstream: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> CheckResponse:
+    """The status and ``ok_response`` of an allow, built once per header set and never mutated.
+
+    The same caller gets the same identity headers on every cached check: copying a built
+    message (~1 µs, in C) instead of adding each header (~1 µs per header) saves most of the
+    conversion. Bounded: cleared when full."""
+    key = (upstream, remove)
+    template = _OK_TEMPLATES.get(key)
+    if template is None:
+        template = CheckResponse()
+        template.status.CopyFrom(_OK_STATUS)
+        ok = template.ok_response
+        ok.SetInParent()  # the oneof must say "ok" even with nothing to add or remove
+        if upstream:
+            _add_headers(ok.headers, upstream)
+        if remove:
+            ok.headers_to_remove.extend(remove)
+        if len(_OK_TEMPLATES) >= _OK_TEMPLATES_MAX:
+            _OK_TEMPLATES.clear()
+        _OK_TEMPLATES[key] = template
+    return template
+
+
 def decision_to_response(d: Decision) -> CheckResponse:
     """Render a decision. ``d.allowed`` (dry-run ``would_deny`` included) -> status 0 and
     ``ok_response``; otherwise a non-zero status and ``denied_response`` with the HTTP status,
     headers and body the client gets. ``d.metadata`` -> ``dynamic_metadata`` when non-empty."""
     resp = CheckResponse()
     if d.allowed:
-        resp.status.CopyFrom(_OK_STATUS)
-        ok = resp.ok_response
-        ok.SetInParent()  # the oneof must say "ok" even with nothing to add or remove
-        if d.upstream_headers:
-            _add_headers(ok.headers, d.upstream_headers)
-        if d.remove_headers:
-            ok.headers_to_remove.extend(d.remove_headers)
+        resp.CopyFrom(_ok_template(d.upstream_headers, d.remove_headers))
     else:
         resp.status.CopyFrom(_DENY_STATUS.get(d.status, _DEFAULT_DENY_STATUS))
         denied = resp.denied_response

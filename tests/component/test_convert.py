@@ -13,6 +13,7 @@ from authz._proto.envoy.type.v3 import http_status_pb2
 from authz._proto.google.rpc import status_pb2
 from authz.policy.decisions import internal_error
 from authz.policy.model import EMPTY_MAP, Decision, RequestAttrs
+from authz.server import convert
 from authz.server.convert import decision_to_response, request_id_of, request_to_attrs
 
 HVO = base_pb2.HeaderValueOption
@@ -171,6 +172,35 @@ def test_response_is_not_shared_between_calls() -> None:
     first = decision_to_response(deny(401, "missing_token"))
     first.status.code = 0
     assert decision_to_response(deny(401, "missing_token")).status.code == 16
+
+
+def test_allows_with_the_same_headers_share_a_template_but_never_metadata() -> None:
+    """The allow template is copied per answer: mutating one answer, or a second decision with
+    the same headers and other metadata, leaves every other answer exactly as built."""
+    headers = (("x-user-id", "u1"), ("x-roles", "Reader"))
+    first = decision_to_response(
+        allow(upstream_headers=headers, remove_headers=("authorization",), metadata={"a": "1"})
+    )
+    first.ok_response.headers[0].header.value = "forged"
+    first.ok_response.headers_to_remove.append("x-extra")
+    second = decision_to_response(
+        allow(upstream_headers=headers, remove_headers=("authorization",), metadata={"b": "2"})
+    )
+    expected = external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=0),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[overwrite("x-user-id", "u1"), overwrite("x-roles", "Reader")],
+            headers_to_remove=["authorization"],
+        ),
+    )
+    metadata(expected, b="2")
+    assert second == expected
+
+
+def test_allow_templates_are_bounded() -> None:
+    for i in range(convert._OK_TEMPLATES_MAX + 10):
+        decision_to_response(allow(upstream_headers=(("x-user-id", f"u{i}"),)))
+        assert len(convert._OK_TEMPLATES) <= convert._OK_TEMPLATES_MAX
 
 
 # ---------------------------------------------------------------------------------- request
