@@ -523,6 +523,31 @@ def _compile_check(apis: Sequence[ApiSpec], problems: list[str], warnings: list[
             problems.append(f"apis[{i}].routes: {e}")
             continue
         warnings.extend(routes_mod.unreachable_routes(api))
+        if not api.require_scope_or_role:
+            warnings.extend(_acl_mode_warnings(i, api))
+
+
+def _acl_mode_warnings(i: int, api: ApiSpec) -> list[str]:
+    """ACL mode accepts app tokens without roles (any client in the allowed tenants can get one
+    when the API does not require assignment): every requirement should then name its clients
+    or demand roles or scopes."""
+    wide = [(f"routes[{j}] ({route.name})", route.require) for j, route in enumerate(api.routes)]
+    if api.default is not None:
+        wide.append(("default", api.default))
+    out = []
+    for where, req in wide:
+        if req.anonymous:
+            continue
+        if any(
+            not (c.clients or c.roles_any or c.roles_all or c.scopes_any or c.scopes_all)
+            for c in req.any_of
+        ):
+            out.append(
+                f"apis[{i}].{where}: require_scope_or_role is false (ACL mode), and a clause "
+                "names no clients, roles or scopes: an app-only token without roles from any "
+                "client of an allowed tenant passes it"
+            )
+    return out
 
 
 def from_mapping(data: Any, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:

@@ -4,8 +4,8 @@ What is cached is the *API-independent* result of a verification: the ``Principa
 ``provider`` names the issuer that vouched for it) and the ``kid`` of the key that signed it.
 Everything that depends on the API asking (is this issuer one of the API's, is ``aud`` one of its
 audiences, the scp/roles policy) is re-checked on every hit by ``authz.identity.entra``, as is
-"is the signing key still in the issuer's current key snapshot" (so tokens signed by a retired
-key stop passing as soon as a refresh drops the key).
+"is the signing key still in the issuer's current key snapshot, with the same key material" (so
+tokens signed by a retired or replaced key stop passing as soon as a refresh drops or changes it).
 
 An entry lives at most ``min(exp + clock skew, now + max_ttl_s)``; the cache holds at most
 ``max_entries`` entries and evicts the least recently used. Denials are never cached.
@@ -30,6 +30,8 @@ __all__ = ["CachedIdentity", "ClaimsCache"]
 class CachedIdentity:
     principal: Principal
     kid: str  # the signing key; the entry is void once the issuer's snapshot drops it
+    # ... or once that kid names different key material (a JWKS may republish a kid).
+    fingerprint: tuple[str, str] = ("", "")
 
 
 class ClaimsCache:

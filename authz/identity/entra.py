@@ -311,8 +311,12 @@ class TokenVerifier:
         if cached is not None:
             _check_api(cached, api)
             return cached
-        principal, kid = self._verify(token, api, now)
-        cache.put(digest, CachedIdentity(principal, kid), float(principal.expires_at + self._skew))
+        principal, key = self._verify(token, api, now)
+        cache.put(
+            digest,
+            CachedIdentity(principal, key.kid, key.fingerprint),
+            float(principal.expires_at + self._skew),
+        )
         _check_api(principal, api)
         return principal
 
@@ -324,11 +328,13 @@ class TokenVerifier:
         if p.provider not in api.issuers or p.expires_at + self._skew < now:
             return None
         snap = self._keys.snapshot(p.provider)
-        if snap is None or hit.kid not in snap.keys:
-            return None  # the key was retired since: the full path decides (unknown kid)
+        key = None if snap is None else snap.keys.get(hit.kid)
+        if key is None or key.fingerprint != hit.fingerprint:
+            # Retired since, or the same kid now names another key: the full path decides.
+            return None
         return p
 
-    def _verify(self, token: str, api: ApiSpec, now: float) -> tuple[Principal, str]:
+    def _verify(self, token: str, api: ApiSpec, now: float) -> tuple[Principal, SigningKey]:
         """Steps 2-7 of the module docstring: the API-independent verification."""
         segments = token.split(".")
         if len(segments) != 3:
@@ -404,7 +410,7 @@ class TokenVerifier:
             raise _deny(Code.TENANT_NOT_ALLOWED)
         if key.issuer is not None and not _key_issuer_ok(key.issuer, iss, tid, ver, snap, spec):
             raise _deny(Code.KEY_ISSUER_MISMATCH)
-        return _principal(payload, name, iss, tid, ver, aud, exp), kid
+        return _principal(payload, name, iss, tid, ver, aud, exp), key
 
     def _check_header(self, h64: str) -> tuple[str, str]:
         """Step 3 on a header segment not seen before: ``(alg, kid)``, remembered on success.

@@ -132,3 +132,22 @@ def test_serve_refuses_a_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtur
     bad.write_text(MINIMAL.replace("audiences: [api://orders]", "audiences: []"))
     assert cli.main(["serve", "--config", str(bad), "--plain-logs"]) == 2
     assert "apis[0].audiences" in capsys.readouterr().err
+
+
+CLIENT = "11111111-2222-4333-8444-555555555555"
+
+
+def test_acl_mode_warns_about_requirements_open_to_any_client() -> None:
+    text = MINIMAL.replace(
+        "    routes:\n",
+        "    require_scope_or_role: false\n    routes:\n",
+    ).replace(
+        "      - {name: r, path: /x, require: authenticated}",
+        "      - {name: r, path: /x, require: authenticated}\n"
+        "      - {name: apps, path: /y, require: {clients: [" + CLIENT + "]}}",
+    )
+    s = config_mod.parse(text, env={})
+    acl = [w for w in s.warnings if "ACL mode" in w]
+    assert len(acl) == 1, s.warnings
+    assert acl[0].startswith("apis[0].routes[0] (r):")
+    assert not [w for w in config_mod.parse(MINIMAL, env={}).warnings if "ACL mode" in w]

@@ -257,6 +257,31 @@ def test_retired_key_voids_cached_tokens(
     assert info.value.issuer == "contoso"
 
 
+def test_same_kid_with_new_key_material_voids_cached_tokens(
+    minter: Any,
+    env: SimpleNamespace,
+    memory_keys: Any,
+    clock: list[float],
+    attacker_key: Any,
+    msa_key: Any,
+) -> None:
+    """A refresh where the kid stays but names another key: tokens cached under the old key
+    must go through the full path again (and fail its signature check), not ride the cache."""
+    from tests.unit.conftest import snapshot_for
+
+    verifier = make(env, memory_keys, clock, cache=True)
+    token = minter.token()
+    verifier.verify(token, env.make_api())
+    assert verifier.cache is not None
+    assert verifier.cache.hits == 0
+    verifier.verify(token, env.make_api())
+    assert verifier.cache.hits == 1
+    memory_keys.snapshots["contoso"] = snapshot_for("contoso", attacker_key, msa_key)
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(token, env.make_api())
+    assert info.value.code == Code.BAD_SIGNATURE
+
+
 def test_denials_are_not_cached(
     minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
 ) -> None:
