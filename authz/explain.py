@@ -262,10 +262,22 @@ def _explain_token(
                     f"  {_mark(kid in snap.keys)} kid known to {name!r} "
                     f"({len(snap.keys)} keys loaded)"
                 )
+                spec = settings.issuer(name)
+                allowed = (
+                    tid in spec.allowed_tenants
+                    if snap.tenant_id is None
+                    else tid == snap.tenant_id
+                    and (not spec.allowed_tenants or tid in spec.allowed_tenants)
+                )
+                out(f"  {_mark(allowed)} tenant {tid!r} allowed by issuer {name!r}")
         skew = settings.tokens.clock_skew_s
-        exp = claims.get("exp")
+        exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
         if isinstance(exp, int | float):
             out(f"  {_mark(exp + skew > now)} not expired (clock skew {skew}s)")
+        if isinstance(nbf, int | float):
+            out(f"  {_mark(nbf - skew <= now)} valid already (nbf)")
+        if isinstance(iat, int | float):
+            out(f"  {_mark(iat - skew <= now)} not issued in the future (iat)")
     try:
         principal = verifier.verify(token, api) if api is not None else None
     except Denial as d:

@@ -137,7 +137,8 @@ class HeaderPlan:
         claims = principal.claims
         for header, claim in self._claims:
             candidates.append((header, claim_header_value(claims.get(claim))))
-        # Later entries win on a duplicate name (a claim header may deliberately replace one).
+        # Names are unique (config rejects a claim header named like a standard one); the dict
+        # keeps the first-seen order.
         chosen: dict[str, str] = {}
         for name, value in candidates:
             if value:

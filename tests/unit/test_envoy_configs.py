@@ -265,7 +265,15 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
     assert set(CONTRACT_HEADERS) <= upstream
     assert "allowed_upstream_headers_to_append" not in response
     meta = {p["exact"] for p in response["dynamic_metadata_from_headers"]["patterns"]}
-    assert meta == {"x-authz-decision-id", "x-authz-code", "x-authz-api", "x-authz-route"}
+    assert meta == {
+        "x-authz-decision-id",
+        "x-authz-code",
+        "x-authz-api",
+        "x-authz-route",
+        "x-authz-oid",
+        "x-authz-tid",
+        "x-authz-azp",
+    }
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
     assert "www-authenticate" in client
     sent = {p["exact"] for p in f["allowed_headers"]["patterns"]}
