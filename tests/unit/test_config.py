@@ -3,9 +3,13 @@ the CLI exits 2 on a bad file."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from authz import cli
 from authz import config as config_mod
@@ -151,3 +155,116 @@ def test_acl_mode_warns_about_requirements_open_to_any_client() -> None:
     assert len(acl) == 1, s.warnings
     assert acl[0].startswith("apis[0].routes[0] (r):")
     assert not [w for w in config_mod.parse(MINIMAL, env={}).warnings if "ACL mode" in w]
+
+
+# ------------------------------------------------- config/example.yaml documents every key
+
+EXAMPLE = ROOT / "config" / "example.yaml"
+
+# Keys typed ``Any`` in the schema because authz.config validates them by hand: a route's
+# ``require`` and an API's ``default`` are 'anonymous', 'authenticated', a clause mapping
+# (_Clause) or {any_of: [clause, ...]} (_AnyOf).
+HAND_VALIDATED: dict[tuple[type[BaseModel], str], tuple[type[BaseModel], ...]] = {
+    (config_mod._Route, "require"): (config_mod._AnyOf, config_mod._Clause),
+    (config_mod._Api, "default"): (config_mod._AnyOf, config_mod._Clause),
+}
+
+# (model, field) pairs that genuinely cannot be shown in the example. Empty on purpose: every key
+# can be written in a loadable example (at its default where another value would be wrong there).
+NOT_SHOWN: frozenset[tuple[type[BaseModel], str]] = frozenset()
+
+
+def _key(model: type[BaseModel], name: str) -> str:
+    """The key an operator writes: the field's alias if it has one."""
+    return model.model_fields[name].alias or name
+
+
+def _nested(annotation: Any) -> list[type[BaseModel]]:
+    """The models inside an annotation: bare, or inside list/dict/Optional/Annotated/unions."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _nested(arg)]
+
+
+def _children(model: type[BaseModel], name: str) -> list[type[BaseModel]]:
+    return [
+        *_nested(model.model_fields[name].annotation),
+        *HAND_VALIDATED.get((model, name), ()),
+    ]
+
+
+def _schema_models() -> list[type[BaseModel]]:
+    """Every model reachable from the root, in walk order."""
+    out: list[type[BaseModel]] = []
+    todo: list[type[BaseModel]] = [config_mod._Root]
+    while todo:
+        model = todo.pop(0)
+        if model in out:
+            continue
+        out.append(model)
+        for name in model.model_fields:
+            todo.extend(_children(model, name))
+    return out
+
+
+def _keys_used(model: type[BaseModel], data: Any, seen: dict[type[BaseModel], set[str]]) -> None:
+    """Record, per model, the keys the parsed example writes for it (so ``routes[].hosts`` is not
+    satisfied by ``match.hosts``)."""
+    if not isinstance(data, dict):
+        return  # e.g. require: anonymous
+    seen.setdefault(model, set()).update(data)
+    for name in model.model_fields:
+        key = _key(model, name)
+        if key not in data:
+            continue
+        value = data[key]
+        if (model, name) in HAND_VALIDATED:
+            if isinstance(value, dict):
+                target = config_mod._AnyOf if "any_of" in value else config_mod._Clause
+                _keys_used(target, value, seen)
+            continue
+        annotation = model.model_fields[name].annotation
+        for target in _nested(annotation):
+            if isinstance(value, list):
+                items = value
+            elif isinstance(value, dict) and get_origin(annotation) is dict:
+                items = list(value.values())
+            else:
+                items = [value]
+            for item in items:
+                _keys_used(target, item, seen)
+
+
+def test_schema_walk_reaches_every_model() -> None:
+    """A new model only reachable through a hand-validated ``Any`` key must be added above."""
+    defined = {
+        obj
+        for obj in vars(config_mod).values()
+        if isinstance(obj, type)
+        and issubclass(obj, config_mod._Model)
+        and obj is not config_mod._Model
+    }
+    assert set(_schema_models()) == defined
+
+
+def test_example_config_shows_every_key() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    seen: dict[type[BaseModel], set[str]] = {}
+    _keys_used(config_mod._Root, yaml.safe_load(text), seen)
+    missing = []
+    for model in _schema_models():
+        for name in model.model_fields:
+            key = _key(model, name)
+            if (model, name) in NOT_SHOWN or key in seen.get(model, set()):
+                continue
+            if re.search(rf"^\s*#\s*-?\s*{re.escape(key)}:", text, re.MULTILINE):
+                continue  # shown as a commented-out line
+            missing.append(f"{model.__name__}.{key}")
+    assert not missing, f"config/example.yaml does not show: {missing}"
+
+
+def test_readme_configuration_block_is_the_example() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("\n```yaml\n", 1)[1].split("\n```\n", 1)[0] + "\n"
+    assert block == EXAMPLE.read_text(encoding="utf-8")
