@@ -268,6 +268,11 @@ def test_hostile_tokens(stack: Stack, case: str, status: int, code: str) -> None
         ("GET", "/orders/7;x=1", 400),  # path parameters: authz non_canonical_path
         ("GET", "/orders/healthz%00", 400),
         ("GET", "/ORDERS/healthz", 403),  # case-sensitive: no route, default deny
+        # Encoded dot-dot: Envoy decodes %2e and resolves it (normalize_path), so the request is
+        # judged as /orders/admin/x, the admin route that needs a token; never the anonymous one.
+        ("GET", "/orders/healthz/%2e%2e/admin/x", 401),
+        # Leading double slash: merge_slashes makes it /orders/admin/x; same admin route.
+        ("GET", "//orders/admin/x", 401),
         ("get", "/orders/healthz", 400),  # Envoy rejects it; authz would not match GET routes
     ],
 )

@@ -1,10 +1,14 @@
 """The attack catalogue of docs (entra.md §5): one test id per case, each asserting the denial's
 class, status and code. Cases 26-29 attack bearer extraction; case 4's flood (10k unknown kids
--> at most one fetch per interval) is in tests/integration/test_keys.py."""
+-> at most one fetch per interval) is in tests/integration/test_keys.py.
+
+Statuses are asserted against the literal numbers of ``EXPECTED_STATUS`` below, never against the
+class's own ``status`` attribute: changing a denial class's status must fail these tests."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -16,19 +20,35 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from authz import config as authz_config
+from authz.engine import Engine
 from authz.identity.bearer import extract_bearer
 from authz.identity.entra import TokenVerifier
 from authz.policy.errors import (
     BadRequest,
+    ClaimsChallenge,
     Code,
     Denial,
+    Forbidden,
+    TooManyRequests,
     Unauthenticated,
     Unavailable,
     UnknownSigningKey,
 )
-from authz.policy.model import TokenSettings
+from authz.policy.model import RequestAttrs, TokenSettings
 
 GRAPH_APP = "00000003-0000-0000-c000-000000000000"
+
+# The HTTP status every denial class must answer with, as literal numbers (errors.py's table).
+EXPECTED_STATUS: dict[type[Denial], int] = {
+    BadRequest: 400,
+    Unauthenticated: 401,
+    UnknownSigningKey: 401,
+    ClaimsChallenge: 401,
+    Forbidden: 403,
+    TooManyRequests: 429,
+    Unavailable: 503,
+}
 
 
 def b64(data: bytes) -> str:
@@ -517,12 +537,24 @@ def test_token_attack(case: Case, m: Any, env: SimpleNamespace, memory_keys: Any
         verifier.verify(token, api)
     denial = info.value
     assert type(denial) is case.denial
-    assert denial.status == case.denial.status
+    assert denial.status == EXPECTED_STATUS[case.denial]
     assert denial.code == case.code
     if isinstance(denial, UnknownSigningKey):
         assert denial.issuer == case.issuers[0]
     if case.no_lookup:
         assert memory_keys.lookups == 0
+
+
+@pytest.mark.parametrize("cls", list(EXPECTED_STATUS), ids=lambda c: c.__name__)
+def test_denial_class_status(cls: type[Denial]) -> None:
+    assert cls.status == EXPECTED_STATUS[cls]
+
+
+def test_catalogue_statuses_are_literal() -> None:
+    # Every class the catalogue expects has a literal status here; the token attacks are all 401
+    # (identity phase), the bearer attacks 400 (credential sent twice) or 401.
+    assert {EXPECTED_STATUS[c.denial] for c in CASES} == {401}
+    assert {EXPECTED_STATUS[b[3]] for b in BEARER_CASES if b[3] is not None} == {400, 401}
 
 
 def test_catalogue_covers_every_token_case() -> None:
@@ -580,6 +612,15 @@ BEARER_CASES: list[tuple[str, dict[str, str], str, type[Denial] | None, Code | N
         C.INVALID_REQUEST,
     ),
     ("28-cookie-ignored", {"cookie": f"access_token={TOKEN}"}, "", None, None),
+    # A form body `access_token=...` (RFC 6750 §2.2): the body never reaches extract_bearer (nor
+    # RequestAttrs; Envoy sends none, no with_request_body), so only the headers announce it.
+    (
+        "28-body-ignored",
+        {"content-type": "application/x-www-form-urlencoded", "content-length": "52"},
+        "",
+        None,
+        None,
+    ),
     ("29-multiple-sp-accepted", {"authorization": f"Bearer    {TOKEN}"}, "", None, None),
     ("29-ows-at-ends-accepted", {"authorization": f" \tBearer {TOKEN} \t"}, "", None, None),
     ("29-tab-separator", {"authorization": f"Bearer\t{TOKEN}"}, "", U, C.MALFORMED_TOKEN),
@@ -626,8 +667,59 @@ def test_bearer_attack(
     with pytest.raises(Denial) as info:
         extract_bearer(headers, query)
     assert type(info.value) is denial
-    assert info.value.status == denial.status
+    assert info.value.status == EXPECTED_STATUS[denial]
     assert info.value.code == code
+
+
+ORDERS_CONFIG = """
+issuers:
+  - {name: contoso, tenant: 11111111-1111-4111-8111-111111111111}
+apis:
+  - name: orders
+    audiences: [api://orders, 33333333-3333-4333-8333-333333333333]
+    issuers: [contoso]
+    routes:
+      - {name: create, path: /orders, require: authenticated}
+"""
+
+
+@pytest.mark.parametrize(
+    ("where", "status", "code"),
+    [
+        ("header", 200, C.OK),  # control: the same token is good where it belongs
+        ("body", 401, C.MISSING_TOKEN),
+        ("query", 401, C.MISSING_TOKEN),
+        ("cookie", 401, C.MISSING_TOKEN),
+    ],
+)
+def test_28_token_outside_the_header_is_no_credential(
+    where: str, status: int, code: Code, m: Any, env: SimpleNamespace, memory_keys: Any
+) -> None:
+    """Case 28 through the engine: a valid token anywhere but ``Authorization`` is no credential
+    (401 missing_token), not a token. The request body is not even representable: RequestAttrs
+    has no body field, so a form body ``access_token=`` can never be read."""
+    assert "body" not in {f.name for f in dataclasses.fields(RequestAttrs)}
+    token = m.token(aud="api://orders")
+    path, headers = "/orders", {}
+    if where == "header":
+        headers = {"authorization": f"Bearer {token}"}
+    elif where == "body":
+        headers = {
+            "content-type": "application/x-www-form-urlencoded",
+            "content-length": str(len(f"access_token={token}")),
+        }
+    elif where == "query":
+        path = f"/orders?access_token={token}"
+    else:
+        headers = {"cookie": f"access_token={token}"}
+    settings = authz_config.parse(ORDERS_CONFIG, env={})
+    verifier = TokenVerifier(
+        settings.tokens, env.ISSUERS, memory_keys, clock=lambda: float(env.NOW)
+    )
+    decision = Engine(settings, verifier).check(
+        RequestAttrs(method="POST", path=path, headers=headers, context={"api": "orders"})
+    )
+    assert (decision.status, decision.code) == (status, code)
 
 
 def test_no_loaded_keys_is_unavailable(m: Any, env: SimpleNamespace) -> None:
