@@ -8,7 +8,10 @@ it records metrics and the audit line; and it turns any unexpected exception int
 
 A reload parses and validates the new file completely, builds a new key store (reusing the
 snapshots of unchanged issuers, fetching new ones), a new verifier and engine, and swaps the
-``_State`` reference in one assignment: a check in flight keeps the state it started with.
+``_State`` reference in one assignment: a check in flight keeps the state it started with. The
+old key store is closed in the background: its periodic refreshes stop at once, and a refresh in
+flight (such a check may be awaiting it) finishes first; the new store joins that refresh and
+keeps the unknown-kid rate limit.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class Service:
         self._owns_client = http_client is None
         self._state = self._build(settings, previous=None)
         self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
         self._config_stamp = _stamp(config_path)
         self.shutting_down = False
 
@@ -94,7 +98,12 @@ class Service:
         self.metrics.ready.set(1 if self.ready else 0)
 
     async def close(self) -> None:
-        await self._state.keys.close()
+        """Shutdown: the checks are answered by now, so refreshes still in flight are cancelled
+        (no waiting on a slow IdP past the grace period); then the HTTP client is closed."""
+        for task in self._retiring:
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self._state.keys.close(drain=False)
         if self._owns_client:
             await self._client.aclose()
 
@@ -118,9 +127,7 @@ class Service:
         state = self._state
         try:
             decision = state.engine.check(attrs)
-            if decision.refresh_issuer and await state.keys.refresh_unknown_kid(
-                decision.refresh_issuer
-            ):
+            if decision.refresh_issuer and await _refreshed(state.keys, decision.refresh_issuer):
                 decision = state.engine.check(attrs)
         except Exception:
             decision = self._internal_error(attrs)
@@ -168,7 +175,7 @@ class Service:
                 new = self._build(settings, previous=self._state.keys)
                 await new.keys.start()
                 if not new.keys.ready:
-                    await new.keys.close()
+                    await new.keys.close(drain=False)
                     raise RuntimeError("signing keys for the new configuration could not be loaded")
             except config_mod.ConfigError as e:
                 self._config_stamp = stamp
@@ -181,6 +188,7 @@ class Service:
                 log.error("config reload failed; still serving the previous one: %s", e)
                 return False
             old = self._state
+            new.keys.adopt(old.keys)  # what the old store fetched while the new one warmed up
             new.keys.start_background()
             self._state = new  # the atomic swap: checks in flight finish on `old`
             self._config_stamp = stamp
@@ -189,8 +197,28 @@ class Service:
             for w in settings.warnings:
                 log.warning("config: %s", w)
             log.info("configuration reloaded from %s", self.config_path)
-        await old.keys.close()
+        self._retire(old.keys)
         return True
+
+    def _retire(self, keys: KeyStore) -> None:
+        """Close a replaced key store without holding up the reload (``close`` awaits it)."""
+        task = asyncio.create_task(keys.close(), name="authz.keys:retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+
+async def _refreshed(keys: KeyStore, issuer: str) -> bool:
+    """``keys.refresh_unknown_kid(issuer)`` for a check: True when new keys are in. A refresh
+    cancelled under the check (its store closed) means no new keys: the check is answered
+    ``unknown_signing_key`` (fail closed). Cancelling the check itself still propagates."""
+    try:
+        return await keys.refresh_unknown_kid(issuer)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        log.warning("key refresh for issuer %r was cancelled; answering without it", issuer)
+        return False
 
 
 def _stamp(path: str | None) -> tuple[str, int, int, int] | None:

@@ -10,7 +10,11 @@ returns an immutable ``KeySnapshot``; fetching happens beside it:
   (sooner, with backoff, while the issuer has failed);
 * ``refresh_unknown_kid(issuer)``: the transport's synchronous refresh on an unknown ``kid``;
   single-flight and at most once per ``unknown_kid_min_interval_s`` per issuer, so a flood of
-  random kids costs at most one fetch per interval.
+  random kids costs at most one fetch per interval;
+* ``adopt(previous)`` / ``close()``: on a config reload the new store takes over the unchanged
+  issuers' snapshots, their refreshes in flight and every issuer's unknown-kid rate limit; the
+  old store stops its periodic refreshes at once but lets a refresh in flight finish (a check on
+  the old state may be awaiting it).
 
 A fetch reads, for each accepted token version, the discovery document
 (``{instance}/{tenant}/v2.0/.well-known/openid-configuration`` or, for v1,
@@ -38,7 +42,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -283,6 +287,19 @@ def _same(a: KeySnapshot, b: KeySnapshot) -> bool:
     )
 
 
+async def _join(task: asyncio.Task[str]) -> str:
+    """Await a refresh task shared with other callers. Cancelling the caller leaves the task
+    running (and propagates); the task cancelled under the caller (its store closed without
+    draining) reads as "error": no new keys, never a ``CancelledError`` for the caller."""
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if task.cancelled() and (current is None or not current.cancelling()):
+            return "error"
+        raise
+
+
 # ---------------------------------------------------------------------------------- key store
 
 
@@ -311,6 +328,7 @@ class KeyStore:
         self._last_forced: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._background: list[asyncio.Task[None]] = []
+        self._closed = False
 
     # ----------------------------------------------------------------------------- KeySource
 
@@ -329,11 +347,25 @@ class KeyStore:
     # ----------------------------------------------------------------------------- lifecycle
 
     def adopt(self, previous: KeyStore) -> None:
-        """Reuse the snapshots of issuers whose configuration did not change (config reload)."""
+        """Take over from the store this one replaces (config reload). Idempotent: called once
+        before ``start`` and again at the swap, to catch up with what ``previous`` did meanwhile.
+
+        For every issuer whose configuration did not change: the newer snapshot, and a refresh
+        in flight in ``previous`` (joined, not repeated: its keys land here too). For every issuer
+        of the same name: the unknown-kid rate limit, so a reload grants no extra forced fetch.
+        """
         for name, spec in self._specs.items():
-            snap = previous._snapshots.get(name)
-            if snap is not None and previous._specs.get(name) == spec:
+            last = previous._last_forced.get(name)
+            if last is not None:
+                self._last_forced[name] = max(last, self._last_forced.get(name, last))
+            if previous._specs.get(name) != spec:
+                continue
+            snap, mine = previous._snapshots.get(name), self._snapshots.get(name)
+            if snap is not None and (mine is None or snap.fetched_at >= mine.fetched_at):
                 self._snapshots[name] = snap
+            task = previous._inflight.get(name)
+            if task is not None and name not in self._inflight and not self._closed:
+                self._track(name, self._follow(previous, name, task))
 
     async def start(self) -> None:
         """Fetch every issuer not loaded yet, concurrently. Never raises; see ``ready``."""
@@ -352,14 +384,26 @@ class KeyStore:
         """Run the periodic refreshes until cancelled (for callers that manage their tasks)."""
         await asyncio.gather(*(self._refresh_loop(name) for name in self._specs))
 
-    async def close(self) -> None:
-        tasks = [*self._background, *self._inflight.values()]
-        self._background = []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop the periodic refreshes at once; no fetch starts after this. With ``drain``, the
+        refreshes in flight run to their end first, each bounded by its fetch timeout: a check may
+        be awaiting one (e.g. on the state a config reload just replaced), and it gets the keys.
+        Without ``drain``, or when the close itself is cancelled, they are cancelled (their
+        callers then see no new keys, not a ``CancelledError``)."""
+        self._closed = True
+        loops, self._background = self._background, []
+        for loop in loops:
+            loop.cancel()
+        inflight = list(self._inflight.values())
+        try:
+            if drain and inflight:
+                await asyncio.wait(inflight)
+        finally:
+            tasks: list[asyncio.Task[Any]] = [*loops, *inflight]
+            for task in tasks:
+                task.cancel()  # a no-op on a task that is done
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     # ------------------------------------------------------------------------------- refresh
 
@@ -368,10 +412,10 @@ class KeyStore:
         "ok", "unchanged", "error" or "garbled"."""
         task = self._inflight.get(issuer)
         if task is None:
-            task = asyncio.create_task(self._refresh_now(issuer))
-            self._inflight[issuer] = task
-            task.add_done_callback(lambda t: self._forget(issuer, t))
-        return await asyncio.shield(task)
+            if self._closed:
+                return "error"
+            task = self._track(issuer, self._refresh_now(issuer))
+        return await _join(task)
 
     async def refresh_unknown_kid(self, issuer: str) -> bool:
         """The transport met an unknown ``kid`` for ``issuer``: refresh, at most once per
@@ -391,12 +435,30 @@ class KeyStore:
             return False
         if issuer in self._inflight:
             return True
+        if self._closed:
+            return False
         last = self._last_forced.get(issuer)
         return last is None or self._clock() - last >= spec.unknown_kid_min_interval_s
+
+    def _track(self, issuer: str, coro: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
+        """Run ``coro`` as the single-flight refresh of ``issuer``."""
+        task = asyncio.create_task(coro, name=f"authz.keys.refresh:{issuer}")
+        self._inflight[issuer] = task
+        task.add_done_callback(lambda t: self._forget(issuer, t))
+        return task
 
     def _forget(self, issuer: str, task: asyncio.Task[str]) -> None:
         if self._inflight.get(issuer) is task:
             del self._inflight[issuer]
+
+    async def _follow(self, previous: KeyStore, name: str, task: asyncio.Task[str]) -> str:
+        """Await ``previous``'s refresh of ``name`` (in flight when this store adopted it) and
+        take the snapshot it installed."""
+        result = await _join(task)
+        snap, mine = previous._snapshots.get(name), self._snapshots.get(name)
+        if snap is not None and (mine is None or snap.fetched_at >= mine.fetched_at):
+            self._snapshots[name] = snap
+        return result
 
     async def _refresh_now(self, name: str) -> str:
         spec = self._specs[name]

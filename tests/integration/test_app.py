@@ -4,6 +4,7 @@ readiness, health, reflection, metrics, hot reload and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import jwt
 import prometheus_client as prom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -68,9 +70,9 @@ class Running:
         return self.registry.get_sample_value(name, labels or {}) or 0.0
 
 
-@pytest.fixture
-async def running(tmp_path: Path, idp: DevIdP) -> AsyncIterator[Running]:
-    path = write_config(tmp_path / "authz.yaml", idp)
+@contextlib.asynccontextmanager
+async def serve(path: Path) -> AsyncIterator[Running]:
+    """The app on the config at ``path``: gRPC, HTTP and admin listeners on free ports."""
     settings = config_mod.load(path)
     registry = prom.CollectorRegistry()
     audit = io.StringIO()
@@ -92,6 +94,12 @@ async def running(tmp_path: Path, idp: DevIdP) -> AsyncIterator[Running]:
     finally:
         await r.channel.close()
         await app.stop()
+
+
+@pytest.fixture
+async def running(tmp_path: Path, idp: DevIdP) -> AsyncIterator[Running]:
+    async with serve(write_config(tmp_path / "authz.yaml", idp)) as r:
+        yield r
 
 
 async def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -254,3 +262,36 @@ async def test_dry_run_is_counted_and_logged(running: Running, idp: DevIdP) -> N
         True,
         "missing_role",
     )
+
+
+async def test_a_new_signing_key_is_fetched_once_and_allows_the_same_check(
+    tmp_path: Path, idp: DevIdP
+) -> None:
+    """The IdP rotates its key; the first token signed with it meets an unknown kid, and the check
+    refreshes the issuer's keys and decides again: allowed on that one check, one JWKS fetch."""
+    async with serve(write_config(tmp_path / "authz.yaml", idp, interval=300)) as running:
+        new_kid = idp.rotate()
+        token = idp.mint(aud="api://orders", scp="Orders.Read")
+        assert jwt.get_unverified_header(token)["kid"] == new_kid
+        refreshed = {"issuer": "contoso", "result": "ok"}
+        loaded = running.metric("authz_jwks_refreshes_total", refreshed)  # the start
+        idp.reset_counts()
+        ok = await running.check("/orders/7", token)
+        assert ok.status.code == 0
+        assert ok.dynamic_metadata.fields["code"].string_value == "ok"
+        # one refresh of the token's issuer: each of its JWKS (v1, v2) served exactly once more
+        assert idp.request_count(f"/{CONTOSO}/discovery/v2.0/keys") == 1
+        assert idp.request_count(f"/{CONTOSO}/discovery/keys") == 1
+        assert idp.request_count("keys") == 2  # and no other issuer's
+        assert running.metric("authz_jwks_refreshes_total", refreshed) == loaded + 1
+
+        # right after, yet another unknown kid: denied at once, no fetch (the rate limit)
+        served = idp.request_count()  # discovery documents and JWKS
+        stranger = idp.mint(aud="api://orders", header_extra={"kid": "never-published"})
+        denied = await running.check("/orders/7", stranger)
+        assert denied.status.code == 16
+        assert denied.denied_response.status.code == 401
+        assert denied.dynamic_metadata.fields["code"].string_value == "unknown_signing_key"
+        assert idp.request_count() == served
+        assert (await running.check("/orders/7", token)).status.code == 0
+        assert idp.request_count() == served

@@ -4,7 +4,9 @@ allowlist, rotation, outages, garbled JWKS, and the unknown-kid flood (attack ca
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -36,12 +38,40 @@ class Clock:
         return self.now
 
 
+class GatedIdP(DevIdP):
+    """A dev IdP whose JWKS answers wait while ``hold()`` is on: a slow IdP under test control."""
+
+    def __init__(self) -> None:
+        super().__init__(tenants=(CONTOSO, FABRIKAM))
+        self._open = threading.Event()
+        self._open.set()
+        self._reached = threading.Event()
+
+    def hold(self) -> None:
+        self._reached.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def held(self) -> None:
+        """Until a JWKS request is waiting at the gate."""
+        assert await asyncio.to_thread(self._reached.wait, 5)
+
+    def jwks(self, segment: str, version: str) -> dict[str, Any] | None:
+        if not self._open.is_set():
+            self._reached.set()
+            self._open.wait(timeout=10)
+        return super().jwks(segment, version)
+
+
 @pytest.fixture
-def idp() -> Iterator[DevIdP]:
-    server = DevIdP(tenants=(CONTOSO, FABRIKAM)).start()
+def idp() -> Iterator[GatedIdP]:
+    server = GatedIdP().start()
     try:
         yield server
     finally:
+        server.release()
         server.stop()
 
 
@@ -250,4 +280,107 @@ async def test_adopt_reuses_unchanged_issuers(idp: DevIdP, client: httpx.AsyncCl
     assert idp.request_count(f"/{CONTOSO}/") == 0
     assert idp.request_count("/organizations") > 0
     await old.close()
+    await new.close()
+
+
+async def test_close_lets_a_refresh_in_flight_finish(
+    idp: GatedIdP, client: httpx.AsyncClient
+) -> None:
+    """A check awaiting an unknown-kid refresh gets the keys even though the store closes."""
+    s = spec(idp)
+    store, _ = await store_for(client, s)
+    store.start_background()
+    new_kid = idp.rotate()
+    idp.hold()
+    waiter = asyncio.create_task(store.refresh_unknown_kid("contoso"))
+    await idp.held()
+    closing = asyncio.create_task(store.close())
+    await asyncio.sleep(0.1)
+    assert not waiter.done()
+    assert not closing.done()  # draining: the fetch runs on
+    idp.release()
+    assert await waiter is True
+    await closing
+    snap = store.snapshot("contoso")
+    assert snap is not None
+    assert new_kid in snap.keys
+    # a closed store starts no fetch
+    idp.reset_counts()
+    assert not store.refresh_due("contoso")
+    assert await store.refresh_unknown_kid("contoso") is False
+    assert await store.refresh("contoso") == "error"
+    assert idp.request_count() == 0
+
+
+async def test_close_without_drain_answers_no_keys_and_caller_cancel_propagates(
+    idp: GatedIdP, client: httpx.AsyncClient
+) -> None:
+    s = spec(idp)
+    store, _ = await store_for(client, s)
+    idp.rotate()
+    idp.hold()
+    first = asyncio.create_task(store.refresh_unknown_kid("contoso"))
+    second = asyncio.create_task(store.refresh_unknown_kid("contoso"))
+    await idp.held()
+    # cancelling one caller cancels that caller only: the shared fetch runs on for the other
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert not first.done()
+    await store.close(drain=False)
+    assert await first is False  # the fetch was cancelled under it: no new keys, no exception
+    idp.release()
+
+
+async def test_adopt_carries_the_unknown_kid_rate_limit(
+    idp: GatedIdP, client: httpx.AsyncClient
+) -> None:
+    s = spec(idp, unknown_kid_min_interval_s=300.0)
+    clock = Clock()
+    old, _ = await store_for(client, s, clock=clock)
+    assert await old.refresh_unknown_kid("contoso") is False  # a forced fetch: nothing new
+    assert not old.refresh_due("contoso")
+    idp.reset_counts()
+    changed = spec(idp, fetch_timeout_s=3.0)  # the same issuer, reconfigured: still rate-limited
+    for new_spec in (s, changed):
+        new = KeyStore((new_spec,), client, clock=clock)
+        new.adopt(old)
+        await new.start()
+        idp.reset_counts()
+        assert not new.refresh_due("contoso")
+        assert await new.refresh_unknown_kid("contoso") is False
+        assert idp.request_count() == 0
+        clock.now += 301
+        assert new.refresh_due("contoso")
+        clock.now -= 301
+        await new.close()
+    await old.close()
+
+
+async def test_adopt_joins_a_refresh_in_flight(idp: GatedIdP, client: httpx.AsyncClient) -> None:
+    """The new store neither repeats the old store's fetch nor misses the keys it brings."""
+    s = spec(idp, unknown_kid_min_interval_s=300.0)
+    clock = Clock()
+    old, _ = await store_for(client, s, clock=clock)
+    new_kid = idp.rotate()
+    idp.reset_counts()
+    idp.hold()
+    on_old = asyncio.create_task(old.refresh_unknown_kid("contoso"))
+    await idp.held()
+    new = KeyStore((s,), client, clock=clock)
+    new.adopt(old)
+    new.adopt(old)  # idempotent: at the swap, the reload adopts once more
+    assert new.refresh_due("contoso")  # joins the fetch in flight
+    on_new = asyncio.create_task(new.refresh_unknown_kid("contoso"))
+    closing = asyncio.create_task(old.close())
+    await asyncio.sleep(0.05)
+    idp.release()
+    assert await on_old is True
+    assert await on_new is True
+    await closing
+    snap = new.snapshot("contoso")
+    assert snap is not None
+    assert new_kid in snap.keys
+    assert idp.request_count("keys") == 2  # one refresh: the v1 and the v2 JWKS, once each
+    assert not new.refresh_due("contoso")  # and the rate limit came along
     await new.close()

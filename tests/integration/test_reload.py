@@ -7,8 +7,10 @@ import asyncio
 import io
 import os
 import signal
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import prometheus_client as prom
@@ -18,7 +20,9 @@ from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP
 from authz.devstack import stack_config
+from authz.identity.keys import KeyStore
 from authz.observability import AuditLog, Metrics
+from authz.policy.model import RequestAttrs
 from authz.server.app import App
 from authz.service import Service
 
@@ -158,3 +162,128 @@ async def test_reloads_under_load_fail_no_check(cm: tuple[Harness, Path], idp: D
     await asyncio.gather(*workers)
     assert len(results) > 50
     assert set(results) == {0}
+
+
+class GatedIdP(DevIdP):
+    """A dev IdP whose JWKS answers wait while ``hold()`` is on: a slow IdP under test control."""
+
+    def __init__(self) -> None:
+        super().__init__(tenants=(CONTOSO, FABRIKAM))
+        self._open = threading.Event()
+        self._open.set()
+        self._reached = threading.Event()
+
+    def hold(self) -> None:
+        self._reached.clear()
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def held(self) -> None:
+        """Until a JWKS request is waiting at the gate."""
+        assert await asyncio.to_thread(self._reached.wait, 5)
+
+    def jwks(self, segment: str, version: str) -> dict[str, Any] | None:
+        if not self._open.is_set():
+            self._reached.set()
+            self._open.wait(timeout=10)
+        return super().jwks(segment, version)
+
+
+def denied_unknown_kid(h: Harness) -> float:
+    labels = {"api": "orders", "route": "read", "decision": "deny", "code": "unknown_signing_key"}
+    return h.registry.get_sample_value("authz_checks_total", labels) or 0.0
+
+
+async def test_a_check_awaiting_a_key_refresh_survives_a_reload(tmp_path: Path) -> None:
+    """The check started on the old state and awaits its key store's refresh; the reload swaps
+    the state and retires that store: the check still gets its real answer, and the new state
+    gets the keys that refresh brought without fetching them again."""
+    with GatedIdP() as idp:
+        path = tmp_path / "authz.yaml"
+        path.write_text(render(idp))
+        h = await start(path, watch=3600)  # reloads only when the test says so
+        try:
+            idp.rotate()
+            token = idp.mint(aud="api://orders", scp="Orders.Read")  # signed by the new key
+            idp.reset_counts()
+            idp.hold()
+            check = asyncio.create_task(h.check(token))
+            await idp.held()
+            path.write_text(render(idp) + "\n# generation 2\n")
+            assert await h.app.service.reload()
+            await asyncio.sleep(0.1)  # the old key store is closing now
+            assert not check.done()
+            idp.release()
+            assert await check == 0  # allowed: decided again on the old state, with the new key
+            assert await h.check(token) == 0  # the new state has the key too
+            assert idp.request_count("keys") == 2  # one refresh: the v1 and v2 JWKS, once each
+            assert denied_unknown_kid(h) == 0
+        finally:
+            idp.release()
+            await h.channel.close()
+            await h.app.stop()
+
+
+async def test_a_reload_grants_no_extra_unknown_kid_fetch(tmp_path: Path, idp: DevIdP) -> None:
+    path = tmp_path / "authz.yaml"
+    path.write_text(render(idp))  # unknown_kid_min_interval_seconds: 300
+    h = await start(path, watch=3600)
+    try:
+        before = idp.request_count(f"/{CONTOSO}/discovery")
+        stranger = idp.mint(aud="api://orders", header_extra={"kid": "not-published-1"})
+        assert await h.check(stranger) == 16
+        assert idp.request_count(f"/{CONTOSO}/discovery") == before + 2  # the forced refresh
+        path.write_text(render(idp) + "\n# generation 2\n")
+        assert await h.app.service.reload()
+        other = idp.mint(aud="api://orders", header_extra={"kid": "not-published-2"})
+        assert await h.check(other) == 16
+        assert await h.check(stranger) == 16
+        assert idp.request_count(f"/{CONTOSO}/discovery") == before + 2  # still rate-limited
+        assert denied_unknown_kid(h) == 3
+    finally:
+        await h.channel.close()
+        await h.app.stop()
+
+
+async def test_a_cancelled_refresh_is_answered_and_a_cancelled_check_propagates(
+    tmp_path: Path, idp: DevIdP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "authz.yaml"
+    path.write_text(render(idp))
+    h = await start(path, watch=3600)
+    service = h.app.service
+    stranger = idp.mint(aud="api://orders", header_extra={"kid": "not-published-3"})
+    attrs = RequestAttrs(
+        method="GET",
+        path="/orders/7",
+        host="orders.example.com",
+        headers={"authorization": f"Bearer {stranger}"},
+        context={"api": "orders"},
+    )
+    gate = asyncio.Event()
+
+    async def cancelled_under_us(self: KeyStore, issuer: str) -> bool:
+        raise asyncio.CancelledError  # as if the refresh task was cancelled under the check
+
+    async def stuck(self: KeyStore, issuer: str) -> bool:
+        await gate.wait()
+        return False
+
+    try:
+        monkeypatch.setattr(KeyStore, "refresh_unknown_kid", cancelled_under_us)
+        decision = await service.check(attrs)
+        assert (decision.status, decision.code) == (401, "unknown_signing_key")
+        assert await h.check(stranger) == 16  # the same through gRPC: a decision, not an error
+
+        monkeypatch.setattr(KeyStore, "refresh_unknown_kid", stuck)
+        check = asyncio.create_task(service.check(attrs))
+        await asyncio.sleep(0.05)
+        check.cancel()  # the check's own task: the cancellation is not swallowed
+        with pytest.raises(asyncio.CancelledError):
+            await check
+    finally:
+        gate.set()
+        await h.channel.close()
+        await h.app.stop()
