@@ -45,6 +45,28 @@ def test_discovery_urls() -> None:
     assert discovery_url(spec, "2.0").endswith("/openid-configuration?appid=x")
 
 
+@pytest.mark.parametrize(
+    ("instance", "v1_issuer"),
+    [
+        ("https://login.microsoftonline.us", f"https://sts.windows.net/{TID}/"),
+        ("https://login.partner.microsoftonline.cn", f"https://sts.chinacloudapi.cn/{TID}/"),
+    ],
+)
+def test_sovereign_cloud_documents(instance: str, v1_issuer: str) -> None:
+    """US Government and China: the discovery URLs follow the configured instance, and their
+    documents (issuer, jwks_uri on that instance) are accepted as published."""
+    spec = IssuerSpec(name="gov", instance=instance, tenant=TID)
+    assert discovery_url(spec, "2.0") == f"{instance}/{TID}/v2.0/.well-known/openid-configuration"
+    assert discovery_url(spec, "1.0") == f"{instance}/{TID}/.well-known/openid-configuration"
+    v2 = doc(issuer=f"{instance}/{TID}/v2.0", jwks_uri=f"{instance}/{TID}/discovery/v2.0/keys")
+    assert parse_discovery(v2, "2.0", instance=instance) == (
+        f"{instance}/{TID}/v2.0",
+        f"{instance}/{TID}/discovery/v2.0/keys",
+    )
+    v1 = doc(issuer=v1_issuer, jwks_uri=f"{instance}/{TID}/discovery/keys")
+    assert parse_discovery(v1, "1.0", instance=instance)[0] == v1_issuer
+
+
 def test_discovery_ok() -> None:
     assert parse_discovery(doc(), "2.0", instance=INSTANCE) == (
         f"{INSTANCE}/{TID}/v2.0",
