@@ -4,6 +4,7 @@ allowlist, rotation, outages, garbled JWKS, and the unknown-kid flood (attack ca
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -212,15 +213,23 @@ async def test_idp_down_later_keeps_last_good_keys(idp: DevIdP, client: httpx.As
     ids=["truncated", "empty-set", "bad-n"],
 )
 async def test_garbled_jwks_rejected_old_keys_kept(
-    idp: DevIdP, client: httpx.AsyncClient, body: bytes | None
+    idp: DevIdP,
+    client: httpx.AsyncClient,
+    body: bytes | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     s = spec(idp)
     store, observer = await store_for(client, s)
     before = store.snapshot("contoso")
     idp.set_garbled(True, body)
-    assert await store.refresh("contoso") == "garbled"
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        assert await store.refresh("contoso") == "garbled"
     assert store.snapshot("contoso") is before
     assert observer.events[-1][:2] == ("contoso", "garbled")
+    # One clear line: which issuer, why, and that the last good keys stay.
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert line.startswith("signing keys for issuer 'contoso' not refreshed (")
+    assert line.endswith("; keeping the last good keys")
     verifier(store, s).verify(idp.mint(), api("contoso"))
     await store.close()
 
