@@ -108,6 +108,10 @@ apis:
           token_kind: app
           roles_any: [Orders.Sync]
           clients: ["{client}"]
+      - name: me    # any valid token, user or app; '/orders/me/' matches no route above it
+        path_prefix: /orders/me/
+        methods: [GET]
+        require: authenticated
   - name: inventory
     audiences: ["api://inventory", "{inventory_id}"]
     issuers: [contoso]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from authz.devidp import CONTOSO, FABRIKAM
-from authz.devstack import CLIENT_APP, OTHER_APP, Stack
+from authz.devstack import ADMINS_GROUP, CLIENT_APP, OTHER_APP, Reply, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -43,6 +43,42 @@ def _identity(received: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _allowed_identity(r: Reply) -> dict[str, Any]:
+    """On an allow: the identity headers the backend received (the raw token never among them).
+
+    Compared with ``==`` against ``_expected``, this is the FULL set: a forged header that
+    survived (a second value, or a header that should have been removed) makes it differ."""
+    assert r.status == 200, r.body
+    got = r.backend_headers
+    assert "authorization" not in got
+    return _identity(got)
+
+
+def _expected(
+    token: str,
+    kind: str,
+    *,
+    roles: str | None = None,
+    scopes: str | None = None,
+    tid: str = CONTOSO,
+    client: str = CLIENT_APP,
+) -> dict[str, str]:
+    """The exact identity headers an allow with ``token`` must set: literal tenant, client, kind,
+    roles and scopes; absent ones (no roles, no scp, no name claim) must not arrive at all."""
+    claims = _claims(token)
+    want = {"x-user-id": claims["oid"], "x-tenant-id": tid, "x-client-id": client}
+    if roles is not None:
+        want["x-roles"] = roles
+    if scopes is not None:
+        want["x-scopes"] = scopes
+    want["x-token-kind"] = kind
+    if kind == "user":
+        want["x-user-name"] = claims["name"]
+    else:
+        assert "name" not in claims
+    return want
+
+
 # ------------------------------------------------------------------------------- route kinds
 
 
@@ -67,12 +103,8 @@ def test_user_token_with_scope_sets_exactly_the_contract(stack: Stack) -> None:
 
 def test_app_token_alternative(stack: Stack) -> None:
     token = stack.mint(kind="app", roles=("Orders.Read.All",), scp=None)
-    r = stack.request("GET", "/orders/42", token=token)
-    assert r.status == 200
-    got = r.backend_headers
-    assert got["x-token-kind"] == "app"
-    assert got["x-roles"] == "Orders.Read.All"
-    assert "x-scopes" not in got
+    r = stack.request("GET", "/orders/42", token=token, headers=FORGED)
+    assert _allowed_identity(r) == _expected(token, "app", roles="Orders.Read.All")
 
 
 def test_app_token_without_the_alternative_role_is_forbidden(stack: Stack) -> None:
@@ -120,10 +152,11 @@ def test_missing_role_is_403_insufficient_scope(stack: Stack) -> None:
 
 
 def test_role_route_allows_the_role(stack: Stack) -> None:
-    r = stack.request(
-        "POST", "/orders", token=stack.mint(scp="Orders.Read", roles=("Orders.Write",))
+    token = stack.mint(scp="Orders.Read", roles=("Orders.Write", "Orders.Audit"))
+    r = stack.request("POST", "/orders", token=token, headers=FORGED)
+    assert _allowed_identity(r) == _expected(
+        token, "user", roles="Orders.Write,Orders.Audit", scopes="Orders.Read"
     )
-    assert r.status == 200
 
 
 def test_app_only_route_rejects_delegated_and_other_clients(stack: Stack) -> None:
@@ -133,7 +166,8 @@ def test_app_only_route_rejects_delegated_and_other_clients(stack: Stack) -> Non
     r = stack.request("GET", "/orders/sync/now", token=other)
     assert (r.status, r.json()["code"]) == (403, "client_not_allowed")
     ok = stack.mint(kind="app", roles=("Orders.Sync",), scp=None, client_id=CLIENT_APP)
-    assert stack.request("GET", "/orders/sync/now", token=ok).status == 200
+    r = stack.request("GET", "/orders/sync/now", token=ok, headers=FORGED)
+    assert _allowed_identity(r) == _expected(ok, "app", roles="Orders.Sync")
 
 
 def test_token_for_another_api_is_rejected(stack: Stack) -> None:
@@ -151,16 +185,62 @@ def test_multi_tenant_allowlist(stack: Stack) -> None:
 
 
 def test_groups_route(stack: Stack) -> None:
-    from authz.devstack import ADMINS_GROUP
-
     member = stack.mint(scp="Orders.Read", groups=(ADMINS_GROUP,))
-    assert stack.request("GET", "/orders/admin/users", token=member).status == 200
+    r = stack.request("GET", "/orders/admin/users", token=member, headers=FORGED)
+    # groups decide the route; they are not part of the header contract
+    assert _allowed_identity(r) == _expected(member, "user", scopes="Orders.Read")
+    assert not any("group" in h for h in r.backend_headers)
     outsider = stack.mint(scp="Orders.Read", groups=())
     r = stack.request("GET", "/orders/admin/users", token=outsider)
     assert (r.status, r.json()["code"]) == (403, "missing_group")
     overage = stack.mint(scp="Orders.Read", extra={"_claim_names": {"groups": "src1"}})
     r = stack.request("GET", "/orders/admin/users", token=overage)
     assert (r.status, r.json()["code"]) == (403, "groups_overage")
+
+
+@pytest.mark.parametrize(
+    "shape", ["user-scope", "user-scope-and-roles", "user-v1", "app", "partner-app"]
+)
+def test_authenticated_route_sets_exactly_the_contract(stack: Stack, shape: str) -> None:
+    # require: authenticated: any valid token for the API, whatever its scopes or roles.
+    if shape == "user-scope":
+        token = stack.mint(scp="Something.Unrelated")
+        want = _expected(token, "user", scopes="Something.Unrelated")
+    elif shape == "user-scope-and-roles":
+        token = stack.mint(scp="Orders.Read Orders.Extra", roles=("Reader", "Writer"))
+        want = _expected(token, "user", roles="Reader,Writer", scopes="Orders.Read Orders.Extra")
+    elif shape == "user-v1":
+        token = stack.mint(version="1.0", scp="Orders.Read")
+        assert "azp" not in _claims(token)  # x-client-id comes from 'appid'
+        want = _expected(token, "user", scopes="Orders.Read")
+    elif shape == "app":
+        token = stack.mint(kind="app", roles=("Something.Else",), scp=None, client_id=OTHER_APP)
+        want = _expected(token, "app", roles="Something.Else", client=OTHER_APP)
+    else:
+        token = stack.mint(tid=FABRIKAM, kind="app", roles=("Orders.Sync",), scp=None)
+        want = _expected(token, "app", roles="Orders.Sync", tid=FABRIKAM)
+    r = stack.request("GET", "/orders/me/profile", token=token, headers=FORGED)
+    assert _allowed_identity(r) == want
+    assert r.json()["path"] == "/orders/me/profile"
+
+
+def test_authenticated_route_still_needs_a_valid_token(stack: Stack) -> None:
+    r = stack.request("GET", "/orders/me/profile", headers=FORGED)
+    assert (r.status, r.json()["code"]) == (401, "missing_token")
+    assert r.headers["www-authenticate"] == 'Bearer realm="orders"'
+    token = stack.mint(scp="Orders.Read", aud="api://inventory")
+    r = stack.request("GET", "/orders/me/profile", token=token, headers=FORGED)
+    assert (r.status, r.json()["code"]) == (401, "audience_mismatch")
+    expired = stack.mint(scp="Orders.Read", lifetime=-600, iat_offset=-4200)
+    r = stack.request("GET", "/orders/me/profile", token=expired)
+    assert (r.status, r.json()["code"]) == (401, "token_expired")
+    # the route is GET only, and the prefix /orders/me/ leaves /orders/me to the read route
+    app = stack.mint(kind="app", roles=("Something.Else",), scp=None)
+    assert stack.request("GET", "/orders/me/profile", token=app).status == 200
+    r = stack.request("POST", "/orders/me/profile", token=app)
+    assert (r.status, r.json()["code"]) == (403, "no_matching_route")
+    r = stack.request("GET", "/orders/me", token=app)
+    assert (r.status, r.json()["code"]) == (403, "missing_role")
 
 
 def test_auth_context_challenge(stack: Stack) -> None:
