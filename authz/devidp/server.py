@@ -12,6 +12,10 @@ It serves Entra's paths for every configured tenant GUID, each domain alias, and
     POST /_dev/token | /_dev/rotate | /_dev/retire | /_dev/outage | /_dev/garbled | /_dev/reset
     GET  /_dev/stats
 
+Test hook (Python API only, off by default): ``hold_jwks()`` makes every JWKS request wait until
+``release_jwks()``, so a test can hold a key refresh — and the checks awaiting it — in flight for
+exactly as long as it wants (``wait_jwks_held()`` tells it the request has arrived).
+
 Keys are RSA 2048, generated in memory when a ``DevIdP`` is built; nothing is written to disk.
 Key state, failure switches and request counters sit behind one lock (the server is threaded).
 
@@ -77,6 +81,9 @@ BANNER: Final = (
 )
 
 _GARBLED_DEFAULT: Final = b'{"keys": [{"kty": "RSA", "kid": '  # truncated: not JSON
+# A held JWKS request is answered after this long even if nobody releases it (a forgotten hold
+# must not hang the server's stop forever).
+_HOLD_MAX_S: Final = 60.0
 
 _MINT_PARAMS: Final = frozenset(
     {
@@ -141,6 +148,10 @@ class DevIdP:
         self._outage = False
         self._garbled: bytes | None = None
         self._counts: Counter[str] = Counter()
+        # hold_jwks(): the gate JWKS requests wait on (None: answer at once), and how many wait.
+        self._jwks_gate: threading.Event | None = None
+        self._jwks_waiting = 0
+        self._jwks_changed = threading.Condition(self._lock)
         handler = type("DevIdPHandler", (_DevIdPHandler,), {"idp": self})
         self._http = BackgroundHTTPServer(host, port, handler)
         self._base_url: str | None = None
@@ -157,7 +168,8 @@ class DevIdP:
         return self
 
     def stop(self) -> None:
-        """Stop serving and close every connection. Safe to call twice."""
+        """Stop serving and close every connection. Safe to call twice. Releases held JWKS."""
+        self.release_jwks()
         self._http.stop()
 
     def __enter__(self) -> Self:
@@ -339,6 +351,50 @@ class DevIdP:
         with self._lock:
             self._garbled = (body if body is not None else _GARBLED_DEFAULT) if on else None
 
+    def hold_jwks(self) -> None:
+        """Test hook: from now on every JWKS request waits (unanswered) until ``release_jwks``.
+
+        Discovery documents are still answered at once. Off by default; a held request is
+        answered anyway after 60 s, and ``stop()`` releases every held request.
+        """
+        with self._lock:
+            if self._jwks_gate is None:
+                self._jwks_gate = threading.Event()
+
+    def release_jwks(self) -> None:
+        """Answer every held JWKS request now (with the keys published now); stop holding."""
+        with self._lock:
+            gate, self._jwks_gate = self._jwks_gate, None
+        if gate is not None:
+            gate.set()
+
+    @property
+    def jwks_held(self) -> int:
+        """JWKS requests received and waiting for ``release_jwks``."""
+        with self._lock:
+            return self._jwks_waiting
+
+    def wait_jwks_held(self, count: int = 1, timeout: float = 10.0) -> bool:
+        """Block until at least ``count`` JWKS requests are held; False on timeout."""
+        with self._jwks_changed:
+            return self._jwks_changed.wait_for(lambda: self._jwks_waiting >= count, timeout)
+
+    def _hold_jwks_request(self) -> None:
+        """Called by the handler on a JWKS request: wait while a hold is on."""
+        with self._lock:
+            gate = self._jwks_gate
+            if gate is None:
+                return
+            self._jwks_waiting += 1
+            self._jwks_changed.notify_all()
+        try:
+            if not gate.wait(_HOLD_MAX_S):
+                _log.warning("dev-idp: JWKS request held %.0f s, answering it", _HOLD_MAX_S)
+        finally:
+            with self._lock:
+                self._jwks_waiting -= 1
+                self._jwks_changed.notify_all()
+
     def request_count(self, path_contains: str = "") -> int:
         """Requests received whose path (without query) contains ``path_contains``."""
         with self._lock:
@@ -357,6 +413,7 @@ class DevIdP:
                 "msa_kid": self._msa_kid,
                 "outage": self._outage,
                 "garbled": self._garbled is not None,
+                "jwks_held": self._jwks_waiting,
             }
 
     # -- documents ---------------------------------------------------------------------------
@@ -540,6 +597,8 @@ class _DevIdPHandler(JSONHandler):
         if route is None:
             self.send_json(404, {"error": "not_found", "error_description": f"no route {path}"})
             return
+        if route[0] == "keys":
+            self.idp._hold_jwks_request()
         outage, garbled = self.idp._failure_mode()
         if outage:
             self.send_json(503, {"error": "temporarily_unavailable"}, {"Retry-After": "1"})

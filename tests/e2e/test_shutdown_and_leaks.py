@@ -3,15 +3,23 @@ ever contains a token or a signature."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
-from authz.devstack import Stack
+from authz import config as config_mod
+from authz.devstack import Reply, Stack
+from authz.observability import JWT_RE
+from tests.e2e import test_through_envoy as through
+from tests.e2e.conftest import TRANSPORTS
 
 pytestmark = pytest.mark.e2e
 
@@ -77,23 +85,212 @@ def test_sigterm_under_load_loses_no_answer(tmp_path: Path) -> None:
         assert sent_at > 0
 
 
+# ------------------------------------------------------------- SIGTERM with checks held in flight
+
+
+def _segment(token: str, i: int) -> dict[str, Any]:
+    seg = token.split(".")[i]
+    doc: dict[str, Any] = json.loads(base64.urlsafe_b64decode(seg + "=" * (-len(seg) % 4)))
+    return doc
+
+
+def _poll(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _envoy_checks_out(stack: Stack, admin: httpx.Client) -> tuple[int, int]:
+    """Envoy's authz cluster: (requests sent and awaiting an answer, requests still waiting for a
+    connection)."""
+    r = admin.get(f"http://127.0.0.1:{stack.ports['envoy_admin']}/stats")
+    cluster = "authz_http" if stack.transport == "http" else "authz"
+    stats = dict(line.split(": ", 1) for line in r.text.splitlines() if ": " in line)
+    return (
+        int(stats[f"cluster.{cluster}.upstream_rq_active"]),
+        int(stats[f"cluster.{cluster}.upstream_rq_pending_active"]),
+    )
+
+
+def _ready(stack: Stack) -> bool:
+    try:
+        return stack.authz_ready()
+    except httpx.HTTPError:
+        return False
+
+
+def _statuses(replies: dict[str, Reply | BaseException]) -> dict[str, int | str]:
+    return {rid: r.status if isinstance(r, Reply) else repr(r) for rid, r in replies.items()}
+
+
+HELD = 6  # checks held in flight at once
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_sigterm_answers_checks_held_on_a_key_refresh(tmp_path: Path, transport: str) -> None:
+    """Checks really in flight when SIGTERM lands (each awaits the single-flight refresh for a
+    kid authz has never seen, and the dev IdP holds that refresh's JWKS request unanswered) all
+    get their real decision through Envoy: 200, since the refresh completes within the grace
+    period; never Envoy's 503. The hold is a gate the test opens right after the signal: Envoy
+    gives a check 0.25 s (envoy/*.yaml), so the whole sequence fits well inside that."""
+    with (
+        Stack(tmp_path / "stack", transport=transport) as stack,
+        httpx.Client(timeout=1, trust_env=False) as admin,
+    ):
+        authz = stack.authz
+        assert authz is not None
+        grace = config_mod.load(stack.config_path).server.shutdown_grace_s
+        assert _envoy_checks_out(stack, admin) == (0, 0)
+        # authz loaded the keys at start; from now on the IdP signs with a key authz never saw
+        new_kid = stack.idp.rotate()
+        tokens = {f"held-{transport}-{i}": stack.mint(scp="Orders.Read") for i in range(HELD)}
+        assert {_segment(t, 0)["kid"] for t in tokens.values()} == {new_kid}
+        jwks_before = stack.idp.request_count("/keys")
+        stack.idp.hold_jwks()
+
+        replies: dict[str, Reply | BaseException] = {}
+
+        def send(rid: str, token: str) -> None:
+            try:
+                replies[rid] = stack.request(
+                    "GET", "/orders/7", token=token, headers=[("x-request-id", rid)]
+                )
+            except BaseException as e:  # reported below, with the request id
+                replies[rid] = e
+
+        threads = [threading.Thread(target=send, args=item) for item in tokens.items()]
+        try:
+            for t in threads:
+                t.start()
+            # Held: the IdP has the refresh's JWKS request and has not answered it; Envoy has
+            # sent every check to authz and awaits each answer.
+            assert stack.idp.wait_jwks_held(1, timeout=0.15), "no JWKS request reached the IdP"
+            assert _poll(lambda: _envoy_checks_out(stack, admin) == (HELD, 0), 0.1), (
+                _envoy_checks_out(stack, admin)
+            )
+            time.sleep(0.01)  # sent is not yet read: give authz a moment to read them
+            assert not replies, _statuses(replies)
+            sigterm_at = time.time()
+            authz.send_signal(signal.SIGTERM)
+            # authz has begun its shutdown (readiness off) while every check is still held
+            assert _poll(lambda: not _ready(stack), 0.05), "authz did not react to SIGTERM"
+            held_at_release = stack.idp.jwks_held
+            assert held_at_release >= 1
+            assert not replies, _statuses(replies)  # answered while the refresh is held: lost
+            assert _envoy_checks_out(stack, admin) == (HELD, 0)
+            released_at = time.time()
+        finally:
+            stack.idp.release_jwks()
+        authz.wait(timeout=grace + 5)
+        exited_after = time.time() - sigterm_at
+        for t in threads:
+            t.join(timeout=10)
+
+        assert authz.returncode == 0
+        assert exited_after < grace + 1.0
+        # one refresh for all the held checks: one JWKS request per metadata version at most
+        assert held_at_release <= stack.idp.request_count("/keys") - jwks_before <= 2
+        # every held check got its real decision, allowed with the new key: no 503, no error
+        assert _statuses(replies) == dict.fromkeys(tokens, 200)
+        for rid, token in tokens.items():
+            reply = replies[rid]
+            assert isinstance(reply, Reply)
+            assert reply.backend_headers["x-user-id"] == _segment(token, 1)["oid"]
+            assert reply.backend_headers["x-request-id"] == rid
+        # and authz decided each one: started before the signal, finished after the release
+        audit = {str(a["request_id"]): a for a in _audit(stack)}
+        for rid in tokens:
+            entry = audit[rid]
+            assert (entry["status"], entry["code"], entry["decision"]) == (200, "ok", "allow")
+            finished = float(str(entry["ts"]))
+            started = finished - float(str(entry["latency_us"])) / 1e6
+            assert started < sigterm_at
+            assert finished >= released_at - 0.002  # ts is rounded to the millisecond
+
+
+# --------------------------------------------------------------------------- nothing leaks tokens
+
+
+def _hostile_cases() -> list[str]:
+    """The hostile-token catalogue of test_through_envoy.py (its test_hostile_tokens cases)."""
+    cases = [case for case, _, _ in through.HOSTILE_CASES]
+    assert cases, "test_through_envoy.HOSTILE_CASES is empty"
+    return cases
+
+
+def _bearer_tokens(token: str | None, headers: list[tuple[str, str]]) -> list[str]:
+    found = [token] if token is not None else []
+    for name, value in headers:
+        if name.lower() == "authorization" and value.startswith("Bearer "):
+            found.append(value.removeprefix("Bearer "))
+    return found
+
+
+# (method, path) each token is sent to: a read, an anonymous route, a dry-run route, a missing
+# role (insufficient_scope), an auth-context step-up, a path outside the API, an unknown route
+LEAK_ROUTES = [
+    ("GET", "/orders/7"),
+    ("GET", "/orders/healthz"),
+    ("GET", "/orders/reports/q3"),
+    ("POST", "/orders"),
+    ("POST", "/orders/9/approve"),
+    ("GET", "/inventory/sku-1"),
+    ("DELETE", "/orders/7"),
+]
+
+
 def test_nothing_written_contains_a_token(stack: Stack) -> None:
-    tokens = [
+    cases = _hostile_cases()
+    assert len(cases) >= 8
+    sends: list[tuple[str | None, list[tuple[str, str]]]] = [
+        through._hostile(stack, case) for case in cases
+    ]
+    plain = [
         stack.mint(scp="Orders.Read"),
         stack.mint(scp="Orders.Read", aud="api://elsewhere"),
         stack.mint(scp="Orders.Read", lifetime=-600, iat_offset=-4200),
         stack.mint(scp="Orders.Read", header_extra={"kid": "nope"}),
         stack.mint(kind="app", roles=("Orders.Read.All",), scp=None),
+        stack.mint(scp="Orders.Read", extra={"xms_cc": ["cp1"]}),
+        stack.mint(scp="Orders.Read", roles=("Orders.Write",)),
     ]
-    tampered = tokens[0][:-6] + "AAAAAA"
-    for t in [*tokens, tampered]:
-        stack.request("GET", "/orders/7", token=t)
-        stack.request("GET", "/orders/healthz", token=t)
-        stack.request("GET", f"/orders/7?access_token={t}")
-    time.sleep(0.5)  # access logs flush every 100 ms
+    sends += [(t, []) for t in plain]
+    sends.append((plain[0][:-6] + "AAAAAA", []))
+    tokens = [t for token, headers in sends for t in _bearer_tokens(token, headers)]
+    assert len(tokens) >= len(sends)
+
+    n = 0
+    for token, headers in sends:
+        for method, path in LEAK_ROUTES:
+            n += 1
+            rid = [("x-request-id", f"leak-{n}")]
+            stack.request(method, path, token=token, headers=headers + through.FORGED + rid)
+        for t in _bearer_tokens(token, headers):
+            n += 1
+            rid = [("x-request-id", f"leak-{n}")]
+            stack.request("GET", f"/orders/7?access_token={t}", headers=through.FORGED + rid)
+            stack.request("GET", "/orders/healthz", headers=[("x-access-token", t), *rid])
+    # wait for the last request in both the audit log (flushed every 250 ms) and Envoy's access
+    # log (every 100 ms)
+    last = f'"leak-{n}"'
+    assert _poll(
+        lambda: (
+            last in (stack.workdir / "authz.stdout").read_text()
+            and any(last in ln for ln in stack.logs().splitlines() if '"authz_code"' in ln)
+        ),
+        5.0,
+    )
+
     written = stack.logs() + stack.metrics_text()
-    for t in [*tokens, tampered]:
+    assert JWT_RE.findall(written) == []
+    for t in tokens:
         _header, payload, signature = t.split(".")
-        assert payload[:40] not in written
-        assert signature[:40] not in written
-        assert signature[-40:] not in written
+        for segment in (payload, signature):
+            if not segment:
+                continue  # alg-none: no signature
+            assert segment not in written
+            assert segment[:40] not in written
+            assert segment[-40:] not in written
