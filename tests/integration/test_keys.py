@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -39,40 +37,18 @@ class Clock:
         return self.now
 
 
-class GatedIdP(DevIdP):
-    """A dev IdP whose JWKS answers wait while ``hold()`` is on: a slow IdP under test control."""
-
-    def __init__(self) -> None:
-        super().__init__(tenants=(CONTOSO, FABRIKAM))
-        self._open = threading.Event()
-        self._open.set()
-        self._reached = threading.Event()
-
-    def hold(self) -> None:
-        self._reached.clear()
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    async def held(self) -> None:
-        """Until a JWKS request is waiting at the gate."""
-        assert await asyncio.to_thread(self._reached.wait, 5)
-
-    def jwks(self, segment: str, version: str) -> dict[str, Any] | None:
-        if not self._open.is_set():
-            self._reached.set()
-            self._open.wait(timeout=10)
-        return super().jwks(segment, version)
+async def held(idp: DevIdP) -> None:
+    """Until a JWKS request is waiting at the dev IdP's gate (``hold_jwks``)."""
+    assert await asyncio.to_thread(idp.wait_jwks_held, 1, 5)
 
 
 @pytest.fixture
-def idp() -> Iterator[GatedIdP]:
-    server = GatedIdP().start()
+def idp() -> Iterator[DevIdP]:
+    server = DevIdP(tenants=(CONTOSO, FABRIKAM)).start()
     try:
         yield server
     finally:
-        server.release()
+        server.release_jwks()
         server.stop()
 
 
@@ -293,21 +269,21 @@ async def test_adopt_reuses_unchanged_issuers(idp: DevIdP, client: httpx.AsyncCl
 
 
 async def test_close_lets_a_refresh_in_flight_finish(
-    idp: GatedIdP, client: httpx.AsyncClient
+    idp: DevIdP, client: httpx.AsyncClient
 ) -> None:
     """A check awaiting an unknown-kid refresh gets the keys even though the store closes."""
     s = spec(idp)
     store, _ = await store_for(client, s)
     store.start_background()
     new_kid = idp.rotate()
-    idp.hold()
+    idp.hold_jwks()
     waiter = asyncio.create_task(store.refresh_unknown_kid("contoso"))
-    await idp.held()
+    await held(idp)
     closing = asyncio.create_task(store.close())
     await asyncio.sleep(0.1)
     assert not waiter.done()
     assert not closing.done()  # draining: the fetch runs on
-    idp.release()
+    idp.release_jwks()
     assert await waiter is True
     await closing
     snap = store.snapshot("contoso")
@@ -322,15 +298,15 @@ async def test_close_lets_a_refresh_in_flight_finish(
 
 
 async def test_close_without_drain_answers_no_keys_and_caller_cancel_propagates(
-    idp: GatedIdP, client: httpx.AsyncClient
+    idp: DevIdP, client: httpx.AsyncClient
 ) -> None:
     s = spec(idp)
     store, _ = await store_for(client, s)
     idp.rotate()
-    idp.hold()
+    idp.hold_jwks()
     first = asyncio.create_task(store.refresh_unknown_kid("contoso"))
     second = asyncio.create_task(store.refresh_unknown_kid("contoso"))
-    await idp.held()
+    await held(idp)
     # cancelling one caller cancels that caller only: the shared fetch runs on for the other
     second.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -338,11 +314,11 @@ async def test_close_without_drain_answers_no_keys_and_caller_cancel_propagates(
     assert not first.done()
     await store.close(drain=False)
     assert await first is False  # the fetch was cancelled under it: no new keys, no exception
-    idp.release()
+    idp.release_jwks()
 
 
 async def test_adopt_carries_the_unknown_kid_rate_limit(
-    idp: GatedIdP, client: httpx.AsyncClient
+    idp: DevIdP, client: httpx.AsyncClient
 ) -> None:
     s = spec(idp, unknown_kid_min_interval_s=300.0)
     clock = Clock()
@@ -366,16 +342,16 @@ async def test_adopt_carries_the_unknown_kid_rate_limit(
     await old.close()
 
 
-async def test_adopt_joins_a_refresh_in_flight(idp: GatedIdP, client: httpx.AsyncClient) -> None:
+async def test_adopt_joins_a_refresh_in_flight(idp: DevIdP, client: httpx.AsyncClient) -> None:
     """The new store neither repeats the old store's fetch nor misses the keys it brings."""
     s = spec(idp, unknown_kid_min_interval_s=300.0)
     clock = Clock()
     old, _ = await store_for(client, s, clock=clock)
     new_kid = idp.rotate()
     idp.reset_counts()
-    idp.hold()
+    idp.hold_jwks()
     on_old = asyncio.create_task(old.refresh_unknown_kid("contoso"))
-    await idp.held()
+    await held(idp)
     new = KeyStore((s,), client, clock=clock)
     new.adopt(old)
     new.adopt(old)  # idempotent: at the swap, the reload adopts once more
@@ -383,7 +359,7 @@ async def test_adopt_joins_a_refresh_in_flight(idp: GatedIdP, client: httpx.Asyn
     on_new = asyncio.create_task(new.refresh_unknown_kid("contoso"))
     closing = asyncio.create_task(old.close())
     await asyncio.sleep(0.05)
-    idp.release()
+    idp.release_jwks()
     assert await on_old is True
     assert await on_new is True
     await closing

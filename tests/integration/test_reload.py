@@ -7,10 +7,8 @@ import asyncio
 import io
 import os
 import signal
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import prometheus_client as prom
@@ -164,31 +162,9 @@ async def test_reloads_under_load_fail_no_check(cm: tuple[Harness, Path], idp: D
     assert set(results) == {0}
 
 
-class GatedIdP(DevIdP):
-    """A dev IdP whose JWKS answers wait while ``hold()`` is on: a slow IdP under test control."""
-
-    def __init__(self) -> None:
-        super().__init__(tenants=(CONTOSO, FABRIKAM))
-        self._open = threading.Event()
-        self._open.set()
-        self._reached = threading.Event()
-
-    def hold(self) -> None:
-        self._reached.clear()
-        self._open.clear()
-
-    def release(self) -> None:
-        self._open.set()
-
-    async def held(self) -> None:
-        """Until a JWKS request is waiting at the gate."""
-        assert await asyncio.to_thread(self._reached.wait, 5)
-
-    def jwks(self, segment: str, version: str) -> dict[str, Any] | None:
-        if not self._open.is_set():
-            self._reached.set()
-            self._open.wait(timeout=10)
-        return super().jwks(segment, version)
+async def held(idp: DevIdP) -> None:
+    """Until a JWKS request is waiting at the dev IdP's gate (``hold_jwks``)."""
+    assert await asyncio.to_thread(idp.wait_jwks_held, 1, 5)
 
 
 def denied_unknown_kid(h: Harness) -> float:
@@ -200,7 +176,7 @@ async def test_a_check_awaiting_a_key_refresh_survives_a_reload(tmp_path: Path) 
     """The check started on the old state and awaits its key store's refresh; the reload swaps
     the state and retires that store: the check still gets its real answer, and the new state
     gets the keys that refresh brought without fetching them again."""
-    with GatedIdP() as idp:
+    with DevIdP(tenants=(CONTOSO, FABRIKAM)) as idp:
         path = tmp_path / "authz.yaml"
         path.write_text(render(idp))
         h = await start(path, watch=3600)  # reloads only when the test says so
@@ -208,20 +184,20 @@ async def test_a_check_awaiting_a_key_refresh_survives_a_reload(tmp_path: Path) 
             idp.rotate()
             token = idp.mint(aud="api://orders", scp="Orders.Read")  # signed by the new key
             idp.reset_counts()
-            idp.hold()
+            idp.hold_jwks()
             check = asyncio.create_task(h.check(token))
-            await idp.held()
+            await held(idp)
             path.write_text(render(idp) + "\n# generation 2\n")
             assert await h.app.service.reload()
             await asyncio.sleep(0.1)  # the old key store is closing now
             assert not check.done()
-            idp.release()
+            idp.release_jwks()
             assert await check == 0  # allowed: decided again on the old state, with the new key
             assert await h.check(token) == 0  # the new state has the key too
             assert idp.request_count("keys") == 2  # one refresh: the v1 and v2 JWKS, once each
             assert denied_unknown_kid(h) == 0
         finally:
-            idp.release()
+            idp.release_jwks()
             await h.channel.close()
             await h.app.stop()
 
