@@ -263,3 +263,56 @@ async def test_a_cancelled_refresh_is_answered_and_a_cancelled_check_propagates(
         gate.set()
         await h.channel.close()
         await h.app.stop()
+
+
+def _without_partners(text: str) -> str:
+    block = text[text.index("  - name: partners\n") : text.index("headers:\n")]
+    return text.replace(block, "").replace("issuers: [contoso, partners]", "issuers: [contoso]")
+
+
+async def test_a_reload_that_adds_an_issuer_fetches_its_keys_before_the_swap(
+    tmp_path: Path, idp: DevIdP
+) -> None:
+    path = tmp_path / "authz.yaml"
+    path.write_text(_without_partners(render(idp)))
+    h = await start(path, watch=3600)
+    try:
+        partner = idp.mint(tid=FABRIKAM, aud="api://orders", scp="Orders.Read")
+        assert await h.check(partner) == 16  # no issuer of this API vouches for fabrikam yet
+        path.write_text(render(idp))
+        assert await h.app.service.reload()
+        # The very first check after the swap is decided with the new issuer's keys in place.
+        assert await h.check(partner) == 0
+        assert h.reloads("ok") == 1
+    finally:
+        await h.channel.close()
+        await h.app.stop()
+
+
+async def test_a_reload_whose_new_keys_cannot_be_fetched_keeps_the_old_config(
+    tmp_path: Path, idp: DevIdP
+) -> None:
+    path = tmp_path / "authz.yaml"
+    good = _without_partners(render(idp))
+    path.write_text(good)
+    h = await start(path, watch=3600)
+    try:
+        token = idp.mint(aud="api://orders", scp="Orders.Read")
+        assert await h.check(token) == 0
+        broken = good.replace(
+            "headers:\n",
+            '  - name: gone\n    instance: "http://127.0.0.1:9"\n'
+            '    tenant: "33333333-3333-4333-8333-333333333333"\n'
+            "    fetch_timeout_seconds: 1\nheaders:\n",
+            1,
+        ).replace("issuers: [contoso]", "issuers: [contoso, gone]", 1)
+        path.write_text(broken)
+        assert not await h.app.service.reload()
+        assert h.reloads("error") == 1
+        assert h.reloads("ok") == 0
+        assert await h.check(token) == 0  # the previous configuration keeps serving
+        assert h.app.service.settings.issuer("contoso")
+        assert [s.name for s in h.app.service.settings.issuers] == ["contoso"]
+    finally:
+        await h.channel.close()
+        await h.app.stop()
