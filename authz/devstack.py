@@ -141,11 +141,40 @@ def stack_config(instance: str, *, unknown_kid_interval: float = 300) -> str:
     )
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server that another process binds a moment later.
+
+    Chosen *below* the kernel's ephemeral range, so an outgoing connection (a test client, the
+    dev IdP fetch, Envoy's upstream) cannot take it between this probe and that bind, and never
+    the same one twice in this process. Falls back to a kernel-chosen port."""
+    low = _ephemeral_low()
+    first = 20000 if low > 22000 else 1024
+    for _ in range(200 if low - 1 > first else 0):
+        port = random.randint(first, low - 1)  # noqa: S311 - a port number, not a secret
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def envoy_binary() -> str:

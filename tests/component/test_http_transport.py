@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from types import MappingProxyType
 import httpx
 import pytest
 
+from authz.devstack import free_port
 from authz.policy.model import Decision, RequestAttrs
 from authz.server.http import HttpCheckServer, HttpLimits, UnsafeHeaderError, render_decision
 
@@ -714,12 +714,6 @@ def echo_backend() -> Iterator[int]:
         thread.join(timeout=5)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float = 20.0) -> None:
     deadline = time.monotonic() + timeout_s
     async with httpx.AsyncClient(timeout=1.0) as client:
@@ -740,7 +734,7 @@ async def _wait_ready(proc: subprocess.Popen[bytes], port: int, timeout_s: float
 async def test_real_envoy_http_service(core: FakeCore, echo_backend: int) -> None:
     srv = HttpCheckServer(core.check, path_prefix="/authz")
     authz_port = await srv.start("127.0.0.1", 0)
-    listen = _free_port()
+    listen = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         access_log = Path(tmp) / "access.log"
         config = Path(tmp) / "envoy.yaml"
