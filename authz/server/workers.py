@@ -23,7 +23,8 @@ a request itself:
   prometheus-client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is a fresh temporary
   directory set in every worker's environment before it imports prometheus_client, and
   ``/metrics`` is ``MultiProcessCollector`` over it (counters and histograms sum across workers,
-  gauges follow their ``multiprocess_mode``) plus ``authz_workers`` / ``authz_worker_restarts``.
+  gauges follow their ``multiprocess_mode``) plus ``authz_workers`` / ``authz_worker_restarts``
+  and ``process_*`` for the supervisor and its workers together, read from ``/proc``.
   A dead worker's gauge files are removed (its counters stay: totals must not go backwards).
 - Readiness: each worker reports ready/not ready over a pipe; ``/readyz`` is 200 only while every
   worker is alive and ready.
@@ -44,6 +45,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -627,3 +629,46 @@ class _SupervisorCollector:
         yield CounterMetricFamily(
             "authz_worker_restarts", "Workers restarted after exiting.", value=self._sup.restarts
         )
+        yield from _process_tree_metrics([os.getpid(), *(p.pid for p in self._sup.alive)])
+
+
+def _process_tree_metrics(pids: Sequence[int]) -> Iterator[Any]:
+    """``process_*`` for the supervisor and its workers together, read from ``/proc`` at scrape
+    time: prometheus-client's multiprocess mode cannot aggregate its own process collector. A
+    worker that exits takes its CPU seconds with it (Prometheus reads the drop as a reset)."""
+    from prometheus_client.core import (  # noqa: PLC0415
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    cpu = rss = 0.0
+    fds = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            cpu += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+            rss += int(fields[21]) * page
+            fds = max(fds, len(os.listdir(f"/proc/{pid}/fd")))
+        except (OSError, ValueError, IndexError):
+            continue  # gone between listing and reading, or not Linux
+    yield CounterMetricFamily(
+        "process_cpu_seconds",
+        "CPU seconds of the supervisor and its workers.",
+        value=cpu,
+    )
+    yield GaugeMetricFamily(
+        "process_resident_memory_bytes",
+        "Resident memory of the supervisor and its workers.",
+        value=rss,
+    )
+    yield GaugeMetricFamily(
+        "process_open_fds",
+        "Open file descriptors of the busiest of the supervisor and its workers (vs max_fds).",
+        value=fds,
+    )
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield GaugeMetricFamily(
+        "process_max_fds", "The per-process open file descriptor limit.", value=soft
+    )

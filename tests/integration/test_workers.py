@@ -189,6 +189,12 @@ def test_two_workers_answer_metrics_sum_sighup_reaches_all_sigterm_stops(
     assert m["authz_workers"] == 2.0
     assert m["authz_workers_ready"] == 2.0
     assert m["authz_ready"] == 1.0
+    # process_* cover the whole tree: more CPU and memory than the supervisor alone uses
+    own = Path(f"/proc/{tree.proc.pid}/stat").read_text().rpartition(")")[2].split()
+    own_rss = int(own[21]) * os.sysconf("SC_PAGE_SIZE")
+    assert m["process_resident_memory_bytes"] > 1.5 * own_rss  # the supervisor + two workers
+    assert m["process_cpu_seconds_total"] > 0
+    assert 0 < m["process_open_fds"] < m["process_max_fds"]
 
     tree.proc.send_signal(signal.SIGHUP)
     wait(lambda: tree.metrics().get('authz_config_reloads_total{result="ok"}') == 2.0)
