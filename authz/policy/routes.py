@@ -34,6 +34,7 @@ Pure module: no grpc, prometheus, asyncio or network imports.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ _ONE_SEGMENT = r"[^/\x00]+"
 _SEGMENTS = r"[^/\x00]+(?:/[^/\x00]+)*"
 
 
+@functools.lru_cache(maxsize=1024)  # a handful of hosts per deployment; called twice per check
 def normalize_host(host: str) -> str:
     """Lower-case, without ``:port`` and without a trailing dot (``[::1]:80`` -> ``[::1]``)."""
     host = host.lower()
