@@ -259,8 +259,8 @@ def _explain_token(
             out(f"  {_mark(match)} iss is issuer {name!r} ({', '.join(sorted(expected.values()))})")
             if match:
                 out(
-                    f"  {_mark(kid in snap.keys)} kid known to {name!r} "
-                    f"({len(snap.keys)} keys loaded)"
+                    f"  {_mark(kid in snap.keys_for(tid))} kid known to {name!r} "
+                    f"({len(snap.keys_for(tid))} keys loaded for tenant {tid!r})"
                 )
                 spec = settings.issuer(name)
                 allowed = (

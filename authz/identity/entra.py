@@ -40,7 +40,7 @@ import re
 import time
 from binascii import a2b_base64
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType, MemberDescriptorType
 from typing import Any, Protocol
 
@@ -93,6 +93,14 @@ class KeySnapshot:
     issuers: Mapping[str, str]  # token version ("1.0"/"2.0") -> issuer string or template
     keys: Mapping[str, SigningKey]  # kid -> key
     fetched_at: float
+    # Multi-tenant issuers: each allowed tenant's own key set, from its tenant-specific documents
+    # ("discover and cache keys per tenant ... a key common across tenants today can become
+    # distinct"). Empty for single-tenant issuers, whose ``keys`` are that tenant's.
+    tenant_keys: Mapping[str, Mapping[str, SigningKey]] = field(default_factory=dict)
+
+    def keys_for(self, tid: str) -> Mapping[str, SigningKey]:
+        """The keys that may sign a token of tenant ``tid``: its own set when one was fetched."""
+        return self.tenant_keys.get(tid, self.keys) if self.tenant_keys else self.keys
 
 
 class KeySource(Protocol):
@@ -328,7 +336,7 @@ class TokenVerifier:
         if p.provider not in api.issuers or p.expires_at + self._skew < now:
             return None
         snap = self._keys.snapshot(p.provider)
-        key = None if snap is None else snap.keys.get(hit.kid)
+        key = None if snap is None else snap.keys_for(p.tid).get(hit.kid)
         if key is None or key.fingerprint != hit.fingerprint:
             # Retired since, or the same kid now names another key: the full path decides.
             return None
@@ -372,7 +380,7 @@ class TokenVerifier:
         name, spec, snap = self._select_issuer(api, iss, tid, ver)
 
         # --- 5, 6. key and signature
-        key = snap.keys.get(kid)
+        key = snap.keys_for(tid).get(kid)
         if key is None:
             raise UnknownSigningKey(name)
         signing_input = token[: len(h64) + 1 + len(p64)].encode("ascii")

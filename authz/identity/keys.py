@@ -25,10 +25,11 @@ rejected whole and a failed fetch keeps the last good snapshot: keys are never p
 and never emptied.
 
 Multi-tenant issuers (``common``/``organizations``): we fetch the tenant-independent documents,
-whose ``issuer`` is the ``{tenantid}`` template, and their JWKS, and admit tenants through the
-configured ``allowed_tenants``. Entra publishes the same signing keys for every tenant of a cloud
-today; per-tenant discovery (Microsoft's advice for the day that changes) would mean one fetch per
-allowed tenant and is left for when it is needed.
+whose ``issuer`` is the ``{tenantid}`` template (issuer selection and the tenant allowlist), and
+also, per Microsoft's key-rollover guidance ("discover and cache keys per tenant ... even for
+multi-tenant apps"), every allowed tenant's own documents and JWKS: a token is verified only with
+its tenant's key set (``KeySnapshot.keys_for``). A tenant document must name exactly the issuer
+the template gives for that tenant; one allowed tenant failing fails the refresh whole.
 
 Logs to the ``authz.keys`` logger: URLs, issuer names, key counts; never key material or tokens.
 """
@@ -37,12 +38,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
 import re
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -278,12 +281,17 @@ def build_snapshot(
     )
 
 
+def _key_ids(keys: Mapping[str, SigningKey]) -> dict[str, tuple[tuple[str, str], str | None]]:
+    return {k: (v.fingerprint, v.issuer) for k, v in keys.items()}
+
+
 def _same(a: KeySnapshot, b: KeySnapshot) -> bool:
     return (
         a.tenant_id == b.tenant_id
         and dict(a.issuers) == dict(b.issuers)
-        and {k: (v.fingerprint, v.issuer) for k, v in a.keys.items()}
-        == {k: (v.fingerprint, v.issuer) for k, v in b.keys.items()}
+        and _key_ids(a.keys) == _key_ids(b.keys)
+        and {t: _key_ids(k) for t, k in a.tenant_keys.items()}
+        == {t: _key_ids(k) for t, k in b.tenant_keys.items()}
     )
 
 
@@ -507,7 +515,46 @@ class KeyStore:
             v: (issuer, parse_jwks(bodies[uri], v))
             for v, (issuer, uri) in zip(versions, found, strict=True)
         }
-        return build_snapshot(spec, documents, self._wall_clock())
+        snap = build_snapshot(spec, documents, self._wall_clock())
+        if snap.tenant_id is not None or not spec.allowed_tenants:
+            return snap
+        tenants = sorted(spec.allowed_tenants)
+        results = await asyncio.gather(
+            *(self._fetch_tenant(spec, snap, tid) for tid in tenants), return_exceptions=True
+        )
+        sets: dict[str, Mapping[str, SigningKey]] = {}
+        for tid, result in zip(tenants, results, strict=True):
+            if isinstance(result, BaseException):
+                raise result  # all or nothing: no snapshot with a tenant's keys missing
+            sets[tid] = result
+        return dataclasses.replace(snap, tenant_keys=MappingProxyType(sets))
+
+    async def _fetch_tenant(
+        self, spec: IssuerSpec, template: KeySnapshot, tid: str
+    ) -> Mapping[str, SigningKey]:
+        """One allowed tenant's own key set (multi-tenant issuers), from its tenant-specific
+        documents, which must name exactly the issuer the template gives for that tenant."""
+        tenant_spec = dataclasses.replace(spec, tenant=tid)
+        versions = sorted(spec.versions)
+        docs = await self._get_all([discovery_url(tenant_spec, v) for v in versions], spec)
+        found = [
+            parse_discovery(doc, v, instance=spec.instance)
+            for v, doc in zip(versions, docs, strict=True)
+        ]
+        for v, (issuer, _) in zip(versions, found, strict=True):
+            expected = template.issuers[v].replace(_TEMPLATE, tid)
+            if issuer != expected:
+                raise GarbledDiscovery(
+                    f"issuer {spec.name!r}: tenant {tid}'s document names {issuer!r}, "
+                    f"not {expected!r}"
+                )
+        uris = sorted({uri for _, uri in found})
+        bodies = dict(zip(uris, await self._get_all(uris, spec), strict=True))
+        return MappingProxyType(
+            merge_keys(
+                {v: parse_jwks(bodies[uri], v) for v, (_, uri) in zip(versions, found, strict=True)}
+            )
+        )
 
     async def _get_all(self, urls: list[str], spec: IssuerSpec) -> list[bytes]:
         results = await asyncio.gather(*(self._get(u, spec) for u in urls), return_exceptions=True)

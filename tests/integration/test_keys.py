@@ -107,11 +107,16 @@ async def test_v1_and_v2_documents_loaded(idp: DevIdP, client: httpx.AsyncClient
 
 async def test_multi_tenant_allowlist(idp: DevIdP, client: httpx.AsyncClient) -> None:
     s = spec(idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO}))
+    idp.reset_counts()
     store, _ = await store_for(client, s)
     snap = store.snapshot("orgs")
     assert snap is not None
     assert snap.tenant_id is None
     assert "{tenantid}" in snap.issuers["2.0"]
+    # Keys per tenant, from the tenant's own documents, even for a multi-tenant issuer.
+    assert set(snap.tenant_keys) == {CONTOSO}
+    assert set(snap.tenant_keys[CONTOSO]) == set(idp.kids)
+    assert idp.request_count(f"/{CONTOSO}/v2.0/.well-known/openid-configuration") == 1
     v = verifier(store, s)
     assert v.verify(idp.mint(tid=CONTOSO), api("orgs")).tid == CONTOSO
     assert v.verify(idp.mint(tid=CONTOSO, version="1.0"), api("orgs")).version == "1.0"
@@ -251,11 +256,27 @@ async def test_background_refresh_and_close(idp: DevIdP, client: httpx.AsyncClie
     await store.close()
 
 
+async def test_multi_tenant_refresh_is_all_or_nothing_across_allowed_tenants(
+    idp: DevIdP, client: httpx.AsyncClient
+) -> None:
+    """An allowed tenant whose documents cannot be fetched fails the issuer's refresh whole: no
+    snapshot with some tenants' keys missing (the last good one stays, here: none yet)."""
+    unknown = "44444444-4444-4444-8444-444444444444"  # the dev IdP does not serve this tenant
+    s = spec(
+        idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO, unknown})
+    )
+    store, observer = await store_for(client, s)
+    assert store.snapshot("orgs") is None
+    assert not store.ready
+    assert observer.events[-1][:2] == ("orgs", "error")
+    await store.close()
+
+
 async def test_adopt_reuses_unchanged_issuers(idp: DevIdP, client: httpx.AsyncClient) -> None:
     s = spec(idp)
     old, _ = await store_for(client, s)
     idp.reset_counts()
-    changed = spec(idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO}))
+    changed = spec(idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({FABRIKAM}))
     new = KeyStore((s, changed), client)
     new.adopt(old)
     assert new.snapshot("contoso") is old.snapshot("contoso")
@@ -264,6 +285,7 @@ async def test_adopt_reuses_unchanged_issuers(idp: DevIdP, client: httpx.AsyncCl
     assert new.ready
     assert idp.request_count(f"/{CONTOSO}/") == 0
     assert idp.request_count("/organizations") > 0
+    assert idp.request_count(f"/{FABRIKAM}/") > 0  # the allowed tenant's own key set
     await old.close()
     await new.close()
 

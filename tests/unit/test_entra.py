@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -86,6 +87,29 @@ def test_user_with_roles_only_is_user(
 def test_multi_tenant_allowed(verifier: TokenVerifier, minter: Any, env: SimpleNamespace) -> None:
     p = verifier.verify(minter.token(), env.make_api("multi"))
     assert p.provider == "multi"
+
+
+def test_multi_tenant_issuer_uses_the_tenants_own_key_set(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float], attacker_key: Any
+) -> None:
+    """Keys are per tenant even for a multi-tenant issuer: a key the shared (template) documents
+    publish does not sign for a tenant whose own documents do not publish it."""
+    from authz.identity.keys import parse_jwks
+    from tests.unit.conftest import public_jwk
+
+    template = memory_keys.snapshots["multi"]
+    own = parse_jwks(
+        json.dumps({"keys": [public_jwk(attacker_key, "tenant-only")]}).encode(), "1.0"
+    )
+    memory_keys.snapshots["multi"] = dataclasses.replace(template, tenant_keys={env.TENANT: own})
+    verifier = make(env, memory_keys, clock)
+    with pytest.raises(UnknownSigningKey) as info:
+        verifier.verify(minter.token(), env.make_api("multi"))
+    assert info.value.issuer == "multi"
+    memory_keys.snapshots["multi"] = dataclasses.replace(
+        template, tenant_keys={env.TENANT: template.keys}
+    )
+    assert verifier.verify(minter.token(), env.make_api("multi")).provider == "multi"
 
 
 def test_second_issuer_of_api_is_used(
