@@ -160,7 +160,8 @@ def free_port() -> int:
     the same one twice in this process. Falls back to a kernel-chosen port."""
     low = _ephemeral_low()
     first = 20000 if low > 22000 else 1024
-    for _ in range(200 if low - 1 > first else 0):
+    tries = 200 if low - 1 > first else 0  # no room below the ephemeral range: the kernel picks
+    for _ in range(tries):
         port = random.randint(first, low - 1)  # noqa: S311 - a port number, not a secret
         if port in _HANDED_OUT:
             continue

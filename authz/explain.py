@@ -23,7 +23,7 @@ import httpx
 from authz.config import Settings
 from authz.engine import Engine
 from authz.identity.bearer import extract_bearer
-from authz.identity.entra import KeySnapshot, KeySource, TokenVerifier
+from authz.identity.entra import KeySnapshot, KeySource, TokenVerifier, tenant_allowed
 from authz.identity.keys import KeyFetchError, KeyStore, parse_jwks
 from authz.policy.errors import Denial
 from authz.policy.model import (
@@ -262,13 +262,7 @@ def _explain_token(
                     f"  {_mark(kid in snap.keys_for(tid))} kid known to {name!r} "
                     f"({len(snap.keys_for(tid))} keys loaded for tenant {tid!r})"
                 )
-                spec = settings.issuer(name)
-                allowed = (
-                    tid in spec.allowed_tenants
-                    if snap.tenant_id is None
-                    else tid == snap.tenant_id
-                    and (not spec.allowed_tenants or tid in spec.allowed_tenants)
-                )
+                allowed = tenant_allowed(settings.issuer(name), snap, tid)
                 out(f"  {_mark(allowed)} tenant {tid!r} allowed by issuer {name!r}")
         skew = settings.tokens.clock_skew_s
         exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")

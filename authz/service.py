@@ -127,7 +127,11 @@ class Service:
         state = self._state
         try:
             decision = state.engine.check(attrs)
-            if decision.refresh_issuer and await _refreshed(state.keys, decision.refresh_issuer):
+            # A refresh cancelled under us (its store closed) reads as "no new keys" (see
+            # KeyStore: ``_join``): the check is answered unknown_signing_key, never an error.
+            if decision.refresh_issuer and await state.keys.refresh_unknown_kid(
+                decision.refresh_issuer
+            ):
                 decision = state.engine.check(attrs)
         except Exception:
             decision = self._internal_error(attrs)
@@ -205,20 +209,6 @@ class Service:
         task = asyncio.create_task(keys.close(), name="authz.keys:retire")
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-
-
-async def _refreshed(keys: KeyStore, issuer: str) -> bool:
-    """``keys.refresh_unknown_kid(issuer)`` for a check: True when new keys are in. A refresh
-    cancelled under the check (its store closed) means no new keys: the check is answered
-    ``unknown_signing_key`` (fail closed). Cancelling the check itself still propagates."""
-    try:
-        return await keys.refresh_unknown_kid(issuer)
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-        log.warning("key refresh for issuer %r was cancelled; answering without it", issuer)
-        return False
 
 
 def _stamp(path: str | None) -> tuple[str, int, int, int] | None:

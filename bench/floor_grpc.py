@@ -6,13 +6,12 @@ What any grpc.aio ext_authz server costs before it decides anything (on uvloop, 
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 
 import grpc
 
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from bench._serve import until_sigterm
 
 OK = external_auth_pb2.CheckResponse()
 OK.status.code = 0
@@ -31,11 +30,7 @@ async def main(port: int) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Floor(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    await server.stop(1)
+    await until_sigterm(lambda: server.stop(1))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,11 @@ one read and one write per check. ``python -m bench.floor_http PORT``.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 
 from authz.policy.model import Decision, RequestAttrs
 from authz.server.http import HttpCheckServer
+from bench._serve import until_sigterm
 
 ALLOW = Decision(allowed=True, status=200, code="ok", reason="allowed", decision_id="floor")
 
@@ -27,11 +26,7 @@ async def _check(attrs: RequestAttrs) -> Decision:
 async def main(port: int) -> None:
     server = HttpCheckServer(_check, check_now=_now)
     await server.start("127.0.0.1", port)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
-    await server.close(1.0)
+    await until_sigterm(lambda: server.close(1.0))
 
 
 if __name__ == "__main__":

@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+from authz.server.workers import cpu_seconds, rss_bytes
 
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds; 0 if it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = raw.rpartition(")")[2].split()
-    # after "pid (comm)": state is fields[0]; utime, stime are the 14th, 15th of the full line
-    return (int(fields[11]) + int(fields[12])) * TICK_S
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+# Per-process readings are the service's own (its supervisor exports them as process_*).
+__all__ = ["CpuMeter", "MachineCpu", "children", "cpu_seconds", "rss_bytes"]
 
 
 def children(pid: int) -> list[int]:

@@ -62,6 +62,7 @@ __all__ = [
     "SigningKey",
     "TokenVerifier",
     "crypto_denial",
+    "tenant_allowed",
 ]
 
 # ------------------------------------------------------------------------------------ key model
@@ -100,7 +101,7 @@ class KeySnapshot:
 
     def keys_for(self, tid: str) -> Mapping[str, SigningKey]:
         """The keys that may sign a token of tenant ``tid``: its own set when one was fetched."""
-        return self.tenant_keys.get(tid, self.keys) if self.tenant_keys else self.keys
+        return self.tenant_keys.get(tid, self.keys)
 
 
 class KeySource(Protocol):
@@ -411,10 +412,7 @@ class TokenVerifier:
             raise _deny(Code.TOKEN_NOT_YET_VALID)
         if ver not in spec.versions:
             raise _deny(Code.TOKEN_VERSION_NOT_ACCEPTED)
-        if snap.tenant_id is None:
-            if tid not in spec.allowed_tenants:  # multi-tenant: the allowlist, never "any"
-                raise _deny(Code.TENANT_NOT_ALLOWED)
-        elif tid != snap.tenant_id or (spec.allowed_tenants and tid not in spec.allowed_tenants):
+        if not tenant_allowed(spec, snap, tid):
             raise _deny(Code.TENANT_NOT_ALLOWED)
         if key.issuer is not None and not _key_issuer_ok(key.issuer, iss, tid, ver, snap, spec):
             raise _deny(Code.KEY_ISSUER_MISMATCH)
@@ -475,6 +473,14 @@ class TokenVerifier:
             # It may be the issuer we could not load yet: we cannot tell, so we cannot decide.
             raise Unavailable(Code.KEYS_UNAVAILABLE)
         raise _deny(Code.ISSUER_MISMATCH)
+
+
+def tenant_allowed(spec: IssuerSpec, snap: KeySnapshot, tid: str) -> bool:
+    """Is tenant ``tid`` one this issuer accepts? Multi-tenant: only its allowlist, never "any"
+    tenant; single-tenant: its own tenant, narrowed further by an allowlist if one is set."""
+    if snap.tenant_id is None:
+        return tid in spec.allowed_tenants
+    return tid == snap.tenant_id and (not spec.allowed_tenants or tid in spec.allowed_tenants)
 
 
 def _key_issuer_ok(

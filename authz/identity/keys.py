@@ -44,9 +44,9 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -80,6 +80,7 @@ _GUID_SEGMENT = re.compile(
     r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?=/|$)"
 )
 _TEMPLATE = "{tenantid}"
+_T = TypeVar("_T")
 _OK = ("ok", "unchanged")
 
 
@@ -295,6 +296,16 @@ def _same(a: KeySnapshot, b: KeySnapshot) -> bool:
     )
 
 
+async def _all(aws: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Await every one concurrently, let all of them finish, then raise the first failure (no
+    request left running behind an early exception)."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return cast(list[_T], results)
+
+
 async def _join(task: asyncio.Task[str]) -> str:
     """Await a refresh task shared with other callers. Cancelling the caller leaves the task
     running (and propagates); the task cancelled under the caller (its store closed without
@@ -368,9 +379,7 @@ class KeyStore:
                 self._last_forced[name] = max(last, self._last_forced.get(name, last))
             if previous._specs.get(name) != spec:
                 continue
-            snap, mine = previous._snapshots.get(name), self._snapshots.get(name)
-            if snap is not None and (mine is None or snap.fetched_at >= mine.fetched_at):
-                self._snapshots[name] = snap
+            self._take_newer(name, previous._snapshots.get(name))
             task = previous._inflight.get(name)
             if task is not None and name not in self._inflight and not self._closed:
                 self._track(name, self._follow(previous, name, task))
@@ -463,10 +472,14 @@ class KeyStore:
         """Await ``previous``'s refresh of ``name`` (in flight when this store adopted it) and
         take the snapshot it installed."""
         result = await _join(task)
-        snap, mine = previous._snapshots.get(name), self._snapshots.get(name)
+        self._take_newer(name, previous._snapshots.get(name))
+        return result
+
+    def _take_newer(self, name: str, snap: KeySnapshot | None) -> None:
+        """Install ``snap`` (from the store this one replaces) unless ours is newer."""
+        mine = self._snapshots.get(name)
         if snap is not None and (mine is None or snap.fetched_at >= mine.fetched_at):
             self._snapshots[name] = snap
-        return result
 
     async def _refresh_now(self, name: str) -> str:
         spec = self._specs[name]
@@ -503,67 +516,47 @@ class KeyStore:
         return result
 
     async def _fetch(self, spec: IssuerSpec) -> KeySnapshot:
+        snap = build_snapshot(spec, await self._documents(spec), self._wall_clock())
+        if snap.tenant_id is not None or not spec.allowed_tenants:
+            return snap
+        # A multi-tenant issuer: every allowed tenant's own key set too, all or nothing (no
+        # snapshot with a tenant's keys missing).
+        tenants = sorted(spec.allowed_tenants)
+        sets = await _all(self._tenant_keys(spec, snap, tid) for tid in tenants)
+        return dataclasses.replace(
+            snap, tenant_keys=MappingProxyType(dict(zip(tenants, sets, strict=True)))
+        )
+
+    async def _documents(self, spec: IssuerSpec) -> dict[str, tuple[str, Mapping[str, SigningKey]]]:
+        """``{version: (issuer, keys)}`` from the discovery documents of ``spec.tenant`` and the
+        JWKS they point at (each distinct ``jwks_uri`` fetched once)."""
         versions = sorted(spec.versions)
-        docs = await self._get_all([discovery_url(spec, v) for v in versions], spec)
+        docs = await _all(self._get(discovery_url(spec, v), spec) for v in versions)
         found = [
             parse_discovery(doc, v, instance=spec.instance)
             for v, doc in zip(versions, docs, strict=True)
         ]
         uris = sorted({uri for _, uri in found})
-        bodies = dict(zip(uris, await self._get_all(uris, spec), strict=True))
-        documents = {
+        bodies = dict(zip(uris, await _all(self._get(u, spec) for u in uris), strict=True))
+        return {
             v: (issuer, parse_jwks(bodies[uri], v))
             for v, (issuer, uri) in zip(versions, found, strict=True)
         }
-        snap = build_snapshot(spec, documents, self._wall_clock())
-        if snap.tenant_id is not None or not spec.allowed_tenants:
-            return snap
-        tenants = sorted(spec.allowed_tenants)
-        results = await asyncio.gather(
-            *(self._fetch_tenant(spec, snap, tid) for tid in tenants), return_exceptions=True
-        )
-        sets: dict[str, Mapping[str, SigningKey]] = {}
-        for tid, result in zip(tenants, results, strict=True):
-            if isinstance(result, BaseException):
-                raise result  # all or nothing: no snapshot with a tenant's keys missing
-            sets[tid] = result
-        return dataclasses.replace(snap, tenant_keys=MappingProxyType(sets))
 
-    async def _fetch_tenant(
+    async def _tenant_keys(
         self, spec: IssuerSpec, template: KeySnapshot, tid: str
     ) -> Mapping[str, SigningKey]:
         """One allowed tenant's own key set (multi-tenant issuers), from its tenant-specific
         documents, which must name exactly the issuer the template gives for that tenant."""
-        tenant_spec = dataclasses.replace(spec, tenant=tid)
-        versions = sorted(spec.versions)
-        docs = await self._get_all([discovery_url(tenant_spec, v) for v in versions], spec)
-        found = [
-            parse_discovery(doc, v, instance=spec.instance)
-            for v, doc in zip(versions, docs, strict=True)
-        ]
-        for v, (issuer, _) in zip(versions, found, strict=True):
+        documents = await self._documents(dataclasses.replace(spec, tenant=tid))
+        for v, (issuer, _) in documents.items():
             expected = template.issuers[v].replace(_TEMPLATE, tid)
             if issuer != expected:
                 raise GarbledDiscovery(
                     f"issuer {spec.name!r}: tenant {tid}'s document names {issuer!r}, "
                     f"not {expected!r}"
                 )
-        uris = sorted({uri for _, uri in found})
-        bodies = dict(zip(uris, await self._get_all(uris, spec), strict=True))
-        return MappingProxyType(
-            merge_keys(
-                {v: parse_jwks(bodies[uri], v) for v, (_, uri) in zip(versions, found, strict=True)}
-            )
-        )
-
-    async def _get_all(self, urls: list[str], spec: IssuerSpec) -> list[bytes]:
-        results = await asyncio.gather(*(self._get(u, spec) for u in urls), return_exceptions=True)
-        out: list[bytes] = []
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-            out.append(r)
-        return out
+        return MappingProxyType(merge_keys({v: keys for v, (_, keys) in documents.items()}))
 
     async def _get(self, url: str, spec: IssuerSpec) -> bytes:
         try:

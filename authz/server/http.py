@@ -29,6 +29,7 @@ Must not import grpc, prometheus or anything from ``authz._proto``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections import deque
@@ -105,20 +106,11 @@ _META_KNOWN = frozenset(k for k, _ in _META_HEADERS)
 _META_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
-_META_NAMES: dict[str, str | None] = {}  # metadata key -> header name (keys come from code)
-
-
+@functools.lru_cache(maxsize=256)  # metadata keys are a handful of constants from code
 def _meta_header(key: str) -> str | None:
-    try:
-        return _META_NAMES[key]
-    except KeyError:
-        pass
-    name = (
-        None if not key or not set(key) <= _META_KEY_CHARS else "x-authz-" + key.replace("_", "-")
-    )
-    if len(_META_NAMES) < 256:  # metadata keys are a handful of constants; stay bounded anyway
-        _META_NAMES[key] = name
-    return name
+    if not key or not set(key) <= _META_KEY_CHARS:
+        return None
+    return "x-authz-" + key.replace("_", "-")
 
 
 def _bad_request_bytes(status: int, code: str) -> bytes:

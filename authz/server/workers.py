@@ -632,6 +632,34 @@ class _SupervisorCollector:
         yield from _process_tree_metrics([os.getpid(), *(p.pid for p in self._sup.alive)])
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (all its threads), in seconds; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        # after "pid (comm)": state is fields[0]; utime, stime are the 14th, 15th of the line
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
 def _process_tree_metrics(pids: Sequence[int]) -> Iterator[Any]:
     """``process_*`` for the supervisor and its workers together, read from ``/proc`` at scrape
     time: prometheus-client's multiprocess mode cannot aggregate its own process collector. A
@@ -641,18 +669,9 @@ def _process_tree_metrics(pids: Sequence[int]) -> Iterator[Any]:
         GaugeMetricFamily,
     )
 
-    ticks = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
-    cpu = rss = 0.0
-    fds = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-            cpu += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-            rss += int(fields[21]) * page
-            fds = max(fds, len(os.listdir(f"/proc/{pid}/fd")))
-        except (OSError, ValueError, IndexError):
-            continue  # gone between listing and reading, or not Linux
+    cpu = sum(cpu_seconds(pid) for pid in pids)
+    rss = sum(rss_bytes(pid) for pid in pids)
+    fds = max((open_fds(pid) for pid in pids), default=0)
     yield CounterMetricFamily(
         "process_cpu_seconds",
         "CPU seconds of the supervisor and its workers.",

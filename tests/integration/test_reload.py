@@ -240,16 +240,17 @@ async def test_a_cancelled_refresh_is_answered_and_a_cancelled_check_propagates(
     )
     gate = asyncio.Event()
 
-    async def cancelled_under_us(self: KeyStore, issuer: str) -> bool:
-        raise asyncio.CancelledError  # as if the refresh task was cancelled under the check
-
     async def stuck(self: KeyStore, issuer: str) -> bool:
         await gate.wait()
         return False
 
     try:
-        monkeypatch.setattr(KeyStore, "refresh_unknown_kid", cancelled_under_us)
-        decision = await service.check(attrs)
+        # The refresh the check awaits is cancelled under it: its store closes without draining.
+        idp.hold_jwks()
+        pending = asyncio.create_task(service.check(attrs))
+        await held(idp)
+        await service._state.keys.close(drain=False)
+        decision = await pending
         assert (decision.status, decision.code) == (401, "unknown_signing_key")
         assert await h.check(stranger) == 16  # the same through gRPC: a decision, not an error
 
@@ -260,6 +261,7 @@ async def test_a_cancelled_refresh_is_answered_and_a_cancelled_check_propagates(
         with pytest.raises(asyncio.CancelledError):
             await check
     finally:
+        idp.release_jwks()
         gate.set()
         await h.channel.close()
         await h.app.stop()
