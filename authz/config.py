@@ -285,6 +285,7 @@ class _Api(_Model):
     mode: Literal["enforce", "dry-run"] = "enforce"
     require_scope_or_role: bool = True
     forward_authorization: bool = False
+    strip_method_override: bool = True
     claim_headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     realm: StrictStr = ""
     resource_metadata: StrictStr = ""
@@ -506,6 +507,7 @@ def _api(
         mode=Mode(m.mode),
         require_scope_or_role=m.require_scope_or_role,
         forward_authorization=m.forward_authorization,
+        strip_method_override=m.strip_method_override,
         claim_headers=tuple(claim_headers),
         realm=m.realm,
         resource_metadata=m.resource_metadata,
