@@ -7,8 +7,9 @@ contract's ``also_strip`` names, the API's ``claim_headers`` names, the method-o
 (``x-http-method-override``, ``x-method-override``, ``x-http-method``) unless the API sets
 ``strip_method_override: false``, and ``authorization`` unless the API sets
 ``forward_authorization``. A method override would make the backend run another method than the
-one the route's rule was chosen for (a ``GET`` rule letting a ``DELETE`` through). Set headers are overwritten, never appended (the
-transports render them with append=false and OVERWRITE_IF_EXISTS_OR_ADD).
+one the route's rule was chosen for (a ``GET`` rule letting a ``DELETE`` through). Set headers
+are overwritten, never appended (the transports render them with append=false and
+OVERWRITE_IF_EXISTS_OR_ADD).
 
 Values, with a principal:
 
@@ -41,8 +42,8 @@ from authz.policy.model import ApiSpec, HeaderContract, Principal
 __all__ = ["METHOD_OVERRIDE_HEADERS", "HeaderPlan", "claim_header_value", "safe_header_value"]
 
 AUTHORIZATION = "authorization"
-# Headers some frameworks read as "the real method" (Rails, Express method-override, Spring's
-# HiddenHttpMethodFilter variants, Google APIs): removed on allow by default.
+# Headers some frameworks read as "the real method" (Express method-override, Rack, Symfony,
+# ASP.NET Core, OData, Google APIs): removed on allow by default.
 METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
 _MEMO_MAX = 1024
 _Rendered = tuple[tuple[tuple[str, str], ...], tuple[str, ...]]

@@ -39,8 +39,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from authz.policy.model import ApiSpec, Route
 from authz.policy.errors import BadRequest
+from authz.policy.model import ApiSpec, Route
 from authz.policy.paths import canonicalize, is_canonical
 
 __all__ = [

@@ -63,7 +63,7 @@ def test_grpc_conversion(engine: Engine, path: str, status: int) -> None:
     resp = convert.decision_to_response(engine.check(convert.request_to_attrs(req)))
     if status == 200:
         assert resp.status.code == convert.RPC_OK
-        assert OVERRIDES <= set(resp.ok_response.headers_to_remove)
+        assert set(resp.ok_response.headers_to_remove) >= OVERRIDES
     else:
         assert resp.denied_response.status.code == status
 
@@ -97,4 +97,4 @@ async def test_http_conversion(http_port: int, path: str, status: int) -> None:
     assert int(lines[0].split(" ", 2)[1]) == status
     headers = dict(ln.split(": ", 1) for ln in lines[1:] if ln)
     if status == 200:
-        assert OVERRIDES <= set(headers["x-envoy-auth-headers-to-remove"].split(","))
+        assert set(headers["x-envoy-auth-headers-to-remove"].split(",")) >= OVERRIDES

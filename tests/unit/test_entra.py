@@ -404,7 +404,6 @@ def test_hasgroups_of_another_type_is_invalid(
     assert info.value.code is Code.INVALID_CLAIM
 
 
-
 def test_hasgroups_denies_group_rules_as_overage(
     verifier: TokenVerifier, minter: Any, env: SimpleNamespace
 ) -> None:

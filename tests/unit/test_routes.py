@@ -114,7 +114,8 @@ def test_encoded_pchar_cannot_fall_through_an_exact_rule_to_a_weaker_prefix() ->
         ("/users/alice%40contoso%2Ecom", "alice"),
     ]:
         got = table.match("GET", "", canonicalize(raw))
-        assert got is not None and got.name == name, raw
+        assert got is not None, raw
+        assert got.name == name, raw
 
 
 def test_an_encoded_config_path_is_refused_with_its_canonical_spelling() -> None:
