@@ -3,7 +3,9 @@
 - ``Metrics`` registers every series on an injected ``CollectorRegistry`` (tests use their own)
   and caches labelled children so recording a check costs a couple of microseconds.
 - ``AuditLog`` writes one JSON line per decision (every deny; allows configurable and sampled)
-  straight to a stream: no logging machinery on the hot path.
+  straight to a stream: no logging machinery on the hot path. Every client-supplied field goes
+  through ``audit_field`` (token-shaped text redacted, length bounded); the path never carries
+  its query or fragment.
 - ``JsonFormatter`` + ``RedactFilter`` make the service's own logs structured and strip anything
   shaped like a JWT, as a last line of defence: code never logs tokens in the first place.
 
