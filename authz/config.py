@@ -198,8 +198,10 @@ class _Issuer(_Model):
             raise ValueError(f"expected an https URL like https://login.microsoftonline.com: {v!r}")
         # The host is what follows any 'user@': http://127.0.0.1:80@remote.example is remote.
         userinfo, at, hostport = m.group(2).rpartition("@")
-        host = hostport[1 : hostport.find("]")] if hostport.startswith("[") else hostport
-        host = host.rsplit(":", 1)[0] if not hostport.startswith("[") else host
+        if hostport.startswith("["):
+            host = hostport[1 : hostport.find("]")]
+        else:
+            host = hostport.rsplit(":", 1)[0]
         if m.group(1) == "http" and host.lower() not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("plain http is only allowed for a local dev-idp (127.0.0.1)")
         if at:

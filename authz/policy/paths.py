@@ -51,11 +51,11 @@ _CANONICAL = re.compile(
 _UNRESERVED = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~",
 )
+# Escapes decoded to their character: unreserved plus the pchar sub-delims and ':' '@' (';' is
+# rejected below). Each means the same raw or encoded to a backend that decodes before routing.
+_DECODED = _UNRESERVED | frozenset("!$&'()*+,=:@")
 # Raw printable ASCII that is legal in a request target on the wire in practice but not in a path
 # segment: normalised to its escape so that both spellings are one path.
-# Escapes decoded to their character: unreserved plus the pchar sub-delims and ':' '@' (';' is
-# rejected below). Each of these means the same raw or encoded to the backends we front.
-_DECODED = _UNRESERVED | frozenset("!$&'()*+,=:@")
 _ENCODE_RAW = frozenset(' "<>[]^`{|}')
 _ESCAPE_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 _BAD_ESCAPE_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
