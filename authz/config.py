@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from authz.policy.headers import METHOD_OVERRIDE_HEADERS
 from authz.policy.model import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -55,6 +56,23 @@ ACRS_RE = re.compile(r"^c[1-9][0-9]?$")
 RESERVED_HEADERS = frozenset(
     {"authorization", "host", "content-length", "transfer-encoding", "connection", "te"}
 )
+# Names a header we SET (contract, claim_headers) may not have: what Envoy or HTTP treats
+# specially (hop-by-hop, framing, request identity, forwarding), our own HTTP-transport metadata
+# (x-authz-*), Envoy's internal x-envoy-*, pseudo-headers, and the method overrides we strip.
+SET_RESERVED_HEADERS = RESERVED_HEADERS | {
+    "keep-alive",
+    "trailer",
+    "upgrade",
+    "expect",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-client-cert",
+    *METHOD_OVERRIDE_HEADERS,
+}
+SET_RESERVED_PREFIXES = (":", "x-envoy-", "x-authz-", "proxy-")
+ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
 class ConfigError(Exception):
@@ -167,7 +185,7 @@ class _Issuer(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"expected a lower-case name like 'contoso', got {v!r}")
         return v
 
@@ -175,12 +193,19 @@ class _Issuer(_Model):
     @classmethod
     def _instance(cls, v: str) -> str:
         v = v.rstrip("/")
-        m = re.match(r"^(https?)://([^/?#]+)(/[^?#]*)?$", v)
+        m = re.fullmatch(r"(https?)://([^/?#]+)(/[^?#]*)?", v)
         if not m:
             raise ValueError(f"expected an https URL like https://login.microsoftonline.com: {v!r}")
-        host = m.group(2).rsplit(":", 1)[0].strip("[]")
-        if m.group(1) == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+        # The host is what follows any 'user@': http://127.0.0.1:80@remote.example is remote.
+        userinfo, at, hostport = m.group(2).rpartition("@")
+        if hostport.startswith("["):
+            host = hostport[1 : hostport.find("]")]
+        else:
+            host = hostport.rsplit(":", 1)[0]
+        if m.group(1) == "http" and host.lower() not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("plain http is only allowed for a local dev-idp (127.0.0.1)")
+        if at:
+            raise ValueError(f"must not carry user info ('{userinfo}@'): {v!r}")
         return v
 
     @field_validator("tenant")
@@ -263,6 +288,18 @@ class _Route(_Model):
     mode: Literal["enforce", "dry-run"] | None = None
     require: Any = None
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # Route names become metric labels, log fields, dynamic metadata and (HTTP transport)
+        # the x-authz-route header: printable, no spaces, no CR/LF.
+        if not ROUTE_NAME_RE.fullmatch(v):
+            raise ValueError(
+                "expected 1-128 letters, digits, '_', '.', ':' or '-' starting with a letter or "
+                f"digit, like 'read-orders', got {v!r}"
+            )
+        return v
+
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
@@ -285,6 +322,7 @@ class _Api(_Model):
     mode: Literal["enforce", "dry-run"] = "enforce"
     require_scope_or_role: bool = True
     forward_authorization: bool = False
+    strip_method_override: bool = True
     claim_headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     realm: StrictStr = ""
     resource_metadata: StrictStr = ""
@@ -294,7 +332,7 @@ class _Api(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"expected a lower-case name like 'orders', got {v!r}")
         return v
 
@@ -427,12 +465,21 @@ def _issuer(m: _Issuer, i: int, problems: list[str]) -> IssuerSpec:
     )
 
 
-def _header_name(value: str, where: str, problems: list[str]) -> str:
+def _header_name(value: str, where: str, problems: list[str], *, set_by_us: bool = True) -> str:
+    """A configured header name, lower-cased. ``set_by_us``: a name we put a value in (contract
+    and claim headers), which must also avoid every name Envoy or HTTP treats specially."""
     v = value.lower()
-    if not HEADER_RE.match(v) or v.startswith(":"):
+    if v.startswith(":"):
+        problems.append(f"{where}: {v!r} is reserved (a pseudo-header)")
+    elif not HEADER_RE.fullmatch(v):
         problems.append(f"{where}: not a valid header name ({value!r})")
     elif v in RESERVED_HEADERS:
-        problems.append(f"{where}: {v!r} cannot be used as an identity header")
+        problems.append(f"{where}: {v!r} is reserved and cannot be used as an identity header")
+    elif set_by_us and (v in SET_RESERVED_HEADERS or v.startswith(SET_RESERVED_PREFIXES)):
+        problems.append(
+            f"{where}: {v!r} is reserved (hop-by-hop, framing, forwarding, method-override, "
+            "x-envoy-*, x-authz-* or proxy-* names cannot carry identity)"
+        )
     return v
 
 
@@ -444,7 +491,8 @@ def _contract(m: _Headers, problems: list[str]) -> HeaderContract:
     if len(set(names.values())) != len(names):
         problems.append("headers: the contract header names must be distinct")
     strip = tuple(
-        _header_name(h, f"headers.also_strip[{i}]", problems) for i, h in enumerate(m.also_strip)
+        _header_name(h, f"headers.also_strip[{i}]", problems, set_by_us=False)
+        for i, h in enumerate(m.also_strip)
     )
     return HeaderContract(**names, also_strip=strip)
 
@@ -456,11 +504,15 @@ def _api(
     for j, name in enumerate(m.issuers):
         if name not in issuer_names:
             problems.append(f"apis[{i}].issuers[{j}]: no issuer named {name!r} is configured")
-    claim_headers = []
+    claim_headers: list[tuple[str, str]] = []
     for header, claim in m.claim_headers.items():
-        h = _header_name(header, f"apis[{i}].claim_headers.{header}", problems)
+        shown = header if header.isascii() and header.isprintable() else repr(header)
+        hwhere = f"apis[{i}].claim_headers.{shown}"
+        h = _header_name(header, hwhere, problems)
         if h in contract.standard:
-            problems.append(f"apis[{i}].claim_headers.{header}: collides with the contract header")
+            problems.append(f"{hwhere}: collides with the contract header")
+        if any(h == seen_name for seen_name, _ in claim_headers):
+            problems.append(f"{hwhere}: {h!r} is configured twice (names are case-insensitive)")
         claim_headers.append((h, claim))
     routes = []
     seen: set[str] = set()
@@ -506,6 +558,7 @@ def _api(
         mode=Mode(m.mode),
         require_scope_or_role=m.require_scope_or_role,
         forward_authorization=m.forward_authorization,
+        strip_method_override=m.strip_method_override,
         claim_headers=tuple(claim_headers),
         realm=m.realm,
         resource_metadata=m.resource_metadata,

@@ -75,6 +75,11 @@ apis:
         path: /orders/healthz
         methods: [GET]
         require: anonymous
+      - name: export    # ':' in a segment: '%3A' must select this route too, never 'read'
+        path: /orders/export:all
+        methods: [GET]
+        require:
+          roles_any: [Orders.Export]
       - name: admin
         path_prefix: /orders/admin
         require:

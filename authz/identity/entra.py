@@ -648,6 +648,11 @@ def _principal(
         if claim_names.__class__ is not dict:
             raise _deny(Code.INVALID_CLAIM, "'_claim_names' is not an object")
         overage = "groups" in claim_names
+    # hasgroups: true (implicit flow) is Entra's other way of saying the groups did not fit.
+    hasgroups = get("hasgroups", False)
+    if hasgroups.__class__ is not bool:
+        raise _deny(Code.INVALID_CLAIM, "'hasgroups' is not a boolean")
+    overage = overage or hasgroups
     scopes = frozenset(scp.split())
     # idtyp is authoritative when the API opted in to it; otherwise Microsoft's fallback: no
     # scp and oid == sub means an app-only token.
@@ -657,7 +662,9 @@ def _principal(
         tid,
         oid,
         sub,
-        azp or appid,  # client_id
+        # The client is the version's own claim: 'appid' in v1, 'azp' in v2. The other one is
+        # not Entra's for that version, so it never stands in (allowlists, x-client-id).
+        appid if ver == "1.0" else azp,  # client_id
         _APP if app_only else _USER,
         ver,
         iss,

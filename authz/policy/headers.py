@@ -3,9 +3,13 @@ removes, and how values are made safe to put in a header.
 
 On EVERY allow (anonymous routes and dry-run included) every contract header we do not set is
 removed, so a client can never smuggle identity to the backend: the six standard headers, the
-contract's ``also_strip`` names, the API's ``claim_headers`` names, and ``authorization`` unless
-the API sets ``forward_authorization``. Set headers are overwritten, never appended (the
-transports render them with append=false and OVERWRITE_IF_EXISTS_OR_ADD).
+contract's ``also_strip`` names, the API's ``claim_headers`` names, the method-override headers
+(``x-http-method-override``, ``x-method-override``, ``x-http-method``) unless the API sets
+``strip_method_override: false``, and ``authorization`` unless the API sets
+``forward_authorization``. A method override would make the backend run another method than the
+one the route's rule was chosen for (a ``GET`` rule letting a ``DELETE`` through). Set headers
+are overwritten, never appended (the transports render them with append=false and
+OVERWRITE_IF_EXISTS_OR_ADD).
 
 Values, with a principal:
 
@@ -35,9 +39,12 @@ from typing import Any
 
 from authz.policy.model import ApiSpec, HeaderContract, Principal
 
-__all__ = ["HeaderPlan", "claim_header_value", "safe_header_value"]
+__all__ = ["METHOD_OVERRIDE_HEADERS", "HeaderPlan", "claim_header_value", "safe_header_value"]
 
 AUTHORIZATION = "authorization"
+# Headers some frameworks read as "the real method" (Express method-override, Rack, Symfony,
+# ASP.NET Core, OData, Google APIs): removed on allow by default.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-method-override", "x-http-method")
 _MEMO_MAX = 1024
 _Rendered = tuple[tuple[tuple[str, str], ...], tuple[str, ...]]
 
@@ -101,8 +108,9 @@ class HeaderPlan:
         self._standard = tuple(name.lower() for name in contract.standard)
         claim_headers = api.claim_headers if api is not None else ()
         self._claims = tuple((header.lower(), claim) for header, claim in claim_headers)
+        overrides = METHOD_OVERRIDE_HEADERS if api is None or api.strip_method_override else ()
         self._names = _unique_lower(
-            [*self._standard, *contract.also_strip, *(h for h, _ in self._claims)]
+            [*self._standard, *contract.also_strip, *(h for h, _ in self._claims), *overrides]
         )
         self.strip_authorization = api is None or not api.forward_authorization
         self._remove_all = self._names + ((AUTHORIZATION,) if self.strip_authorization else ())

@@ -215,6 +215,7 @@ class ApiSpec:
     mode: Mode = Mode.ENFORCE
     require_scope_or_role: bool = True  # False = "ACL mode": tokens with neither pass
     forward_authorization: bool = False  # keep the Authorization header for the backend
+    strip_method_override: bool = True  # remove x-http-method-override & co. on allow
     claim_headers: tuple[tuple[str, str], ...] = ()  # (header name, claim name)
     realm: str = ""  # WWW-Authenticate realm; "" = the API name
     resource_metadata: str = ""  # RFC 9728 URL, added to challenges when set

@@ -9,8 +9,12 @@ backend (the class of bug behind CVE-2019-9901 and istio#27409). The rules, in o
    path), non-ASCII characters, control characters (raw or encoded, ``%00``-``%1F`` and ``%7F``),
    ``\\`` and ``%5C``, encoded ``/`` (``%2F``), ``;`` and ``%3B`` (path parameters), and ``%`` not
    followed by two hex digits.
-3. Percent-decode the unreserved characters only (``A-Z a-z 0-9 - . _ ~``); every other escape
-   stays encoded with upper-case hex digits (``%c3%a9`` -> ``%C3%A9``). Raw printable characters
+3. Percent-decode every character that is legal raw in a segment (RFC 3986 ``pchar``): the
+   unreserved ``A-Z a-z 0-9 - . _ ~``, the sub-delims ``! $ & ' ( ) * + , =`` and ``: @``, so
+   ``/orders/export%3Aall`` is ``/orders/export:all`` (backends decode before they route; a
+   spelling must not pick another rule). ``%2B`` is ``+`` and ``+`` is never a space (paths are
+   not form-encoded). Every other escape stays encoded with upper-case hex digits
+   (``%c3%a9`` -> ``%C3%A9``); ``%25`` stays ``%25`` (no double decoding). Raw printable characters
    that are not allowed in a path segment (space and ``" < > [ ] ^ ` { | }``) are percent-encoded,
    so a raw and an encoded spelling canonicalise alike.
 4. Remove dot segments (RFC 3986 §5.2.4) *after* decoding, so ``/public/%2e%2e/admin`` is
@@ -47,6 +51,9 @@ _CANONICAL = re.compile(
 _UNRESERVED = frozenset(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~",
 )
+# Escapes decoded to their character: unreserved plus the pchar sub-delims and ':' '@' (';' is
+# rejected below). Each means the same raw or encoded to a backend that decodes before routing.
+_DECODED = _UNRESERVED | frozenset("!$&'()*+,=:@")
 # Raw printable ASCII that is legal in a request target on the wire in practice but not in a path
 # segment: normalised to its escape so that both spellings are one path.
 _ENCODE_RAW = frozenset(' "<>[]^`{|}')
@@ -62,7 +69,7 @@ def _reject(reason: str) -> BadRequest:
 def _decode_escape(match: re.Match[str]) -> str:
     value = int(match.group(1), 16)
     char = chr(value)
-    if char in _UNRESERVED:
+    if char in _DECODED:
         return char
     if value == 0x2F:
         raise _reject("encoded '/' in path")

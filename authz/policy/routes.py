@@ -39,8 +39,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from authz.policy.errors import BadRequest
 from authz.policy.model import ApiSpec, Route
-from authz.policy.paths import is_canonical
+from authz.policy.paths import canonicalize, is_canonical
 
 __all__ = [
     "ApiSelector",
@@ -136,11 +137,23 @@ def _parse_template(where: str, template: str) -> _Template:
     return _Template("/" + "/".join(parts), literal_prefix, "/" + "/".join(shape))
 
 
+def _canonical_spelling(path: str) -> str | None:
+    """The canonical form of a configured path that has one (``/a%3Ab`` -> ``/a:b``)."""
+    try:
+        canonical = canonicalize(path)
+    except BadRequest:
+        return None
+    return canonical if canonical != path and "?" not in path and "#" not in path else None
+
+
 def _path_pattern(where: str, route: Route) -> str:
     if route.path_kind == "template":
         return _parse_template(where, route.path).regex
     if not is_canonical(route.path):
         hint = " (placeholders need path_kind 'template')" if "{" in route.path else ""
+        spelling = _canonical_spelling(route.path)
+        if not hint and spelling is not None:
+            hint = f"; write it as {spelling!r}"
         raise ValueError(
             f"{where}: path {route.path!r} is not canonical and could never match{hint}"
         )

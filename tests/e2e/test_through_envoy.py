@@ -363,6 +363,36 @@ def test_path_bypasses_without_token(stack: Stack, method: str, path: str, statu
     assert r.status == status
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/orders/export:all", "/orders/export%3Aall", "/orders/export%3aall"],
+    ids=["raw", "encoded", "encoded-lower-hex"],
+)
+def test_encoded_colon_selects_the_same_exact_route(stack: Stack, path: str) -> None:
+    # The exact 'export' route needs Orders.Export. An encoded ':' must not make the request fall
+    # through to the 'read' template (/orders/{id}), which this Orders.Read token satisfies.
+    token = stack.mint(scp="Orders.Read")
+    r = stack.request("GET", path, token=token, headers=FORGED)
+    assert r.status == 403, r.body
+    assert r.json()["code"] == "missing_role"
+    assert stack.request("GET", "/orders/export-all", token=token).status == 200  # 'read'
+
+
+def test_method_override_headers_never_reach_the_backend(stack: Stack) -> None:
+    overrides = [
+        ("x-http-method-override", "DELETE"),
+        ("x-method-override", "DELETE"),
+        ("x-http-method", "DELETE"),
+    ]
+    for token in (stack.mint(scp="Orders.Read"), None):
+        path = "/orders/7" if token else "/orders/healthz"  # a GET rule; authenticated, anonymous
+        r = stack.request("GET", path, token=token, headers=overrides)
+        assert r.status == 200, r.body
+        got = r.backend_headers
+        assert not {name for name, _ in overrides} & set(got), got
+        assert r.json()["method"] == "GET"
+
+
 def test_dot_segments_are_normalised_consistently(stack: Stack) -> None:
     # Envoy normalises first; authz decides on what the backend receives.
     r = stack.request("GET", "/orders/admin/../healthz")

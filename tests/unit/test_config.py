@@ -268,3 +268,136 @@ def test_readme_configuration_block_is_the_example() -> None:
     section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     block = section.split("\n```yaml\n", 1)[1].split("\n```\n", 1)[0] + "\n"
     assert block == EXAMPLE.read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------ names (issue 11, item 14)
+
+
+def _problems(text: str) -> list[str]:
+    with pytest.raises(config_mod.ConfigError) as err:
+        config_mod.parse(text, env={})
+    return list(err.value.problems)
+
+
+@pytest.mark.parametrize(
+    "instance",
+    [
+        "http://127.0.0.1:80@remote.example",
+        "http://localhost@remote.example",
+        "http://127.0.0.1@remote.example:8080/base",
+        "http://[::1]:80@remote.example",
+    ],
+)
+def test_instance_with_userinfo_is_a_remote_plain_http_instance(instance: str) -> None:
+    text = MINIMAL.replace("name: contoso,", f'name: contoso, instance: "{instance}",')
+    assert any(
+        p.startswith("issuers[0].instance: plain http is only allowed") for p in _problems(text)
+    )
+
+
+@pytest.mark.parametrize(
+    "instance", ["https://user@login.microsoftonline.com", "http://u:p@127.0.0.1:8080"]
+)
+def test_instance_userinfo_is_refused_even_with_https_or_a_local_host(instance: str) -> None:
+    text = MINIMAL.replace("name: contoso,", f'name: contoso, instance: "{instance}",')
+    assert any("issuers[0].instance: must not carry user info" in p for p in _problems(text))
+
+
+@pytest.mark.parametrize(
+    "instance", ["http://127.0.0.1:8080", "http://localhost:1", "http://[::1]:9", "http://[::1]"]
+)
+def test_local_plain_http_instance_is_accepted(instance: str) -> None:
+    text = MINIMAL.replace("name: contoso,", f'name: contoso, instance: "{instance}",')
+    assert config_mod.parse(text, env={}).issuers[0].instance == instance
+
+
+BAD_ROUTE_NAMES = ['"a\\r\\nx-evil: 1"', '"a\\nb"', '"with space"', '""', '"-lead"', '"é"']
+
+
+@pytest.mark.parametrize("name", BAD_ROUTE_NAMES)
+def test_route_names_are_checked(name: str) -> None:
+    text = MINIMAL.replace("{name: r,", f"{{name: {name},")
+    assert any(p.startswith("apis[0].routes[0].name:") for p in _problems(text))
+
+
+@pytest.mark.parametrize("name", ["r", "read-orders", "orders.read_v2", "Export:All", "r" * 128])
+def test_good_route_names_pass(name: str) -> None:
+    text = MINIMAL.replace("{name: r,", f'{{name: "{name}",')
+    assert config_mod.parse(text, env={}).apis[0].routes[0].name == name
+
+
+RESERVED_NAMES = [
+    "x-envoy-original-path",
+    "X-Envoy-Upstream-Rq-Timeout-Ms",
+    "x-authz-code",
+    "x-authz-route",
+    ":path",
+    ":authority",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-connection",
+    "content-length",
+    "authorization",
+    "x-request-id",
+    "x-forwarded-for",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+]
+INVALID_NAMES = ["x-a\r\nx-b", "x a", "x-a\n", "x:a", "", "x-é", "x-a,b", 'x-"q"']
+
+
+def _claim_header(name: str) -> str:
+    quoted = name.encode("unicode_escape").decode().replace('"', '\\"')
+    return MINIMAL.replace(
+        "issuers: [contoso]\n", f'issuers: [contoso]\n    claim_headers: {{"{quoted}": upn}}\n', 1
+    )
+
+
+@pytest.mark.parametrize("name", RESERVED_NAMES)
+def test_reserved_claim_header_names_are_refused(name: str) -> None:
+    problems = _problems(_claim_header(name))
+    assert any("apis[0].claim_headers." in p and "reserved" in p for p in problems), problems
+
+
+@pytest.mark.parametrize("name", INVALID_NAMES)
+def test_invalid_claim_header_names_are_refused(name: str) -> None:
+    problems = _problems(_claim_header(name))
+    assert any("apis[0].claim_headers." in p and "not a valid header name" in p for p in problems)
+    assert not any("\r" in p or "\n" in p for p in problems), "names are shown escaped"
+
+
+@pytest.mark.parametrize("name", ["x-envoy-user", "x-authz-user", "proxy-user", "x-request-id"])
+def test_reserved_contract_header_names_are_refused(name: str) -> None:
+    text = MINIMAL.replace("apis:\n", f"headers: {{user_id: {name}}}\napis:\n", 1)
+    assert any(p.startswith("headers.user_id:") and "reserved" in p for p in _problems(text))
+
+
+def test_claim_header_names_that_differ_only_in_case_are_refused() -> None:
+    text = MINIMAL.replace(
+        "issuers: [contoso]\n",
+        "issuers: [contoso]\n    claim_headers: {X-Upn: upn, x-upn: upn}\n",
+        1,
+    )
+    assert any("x-upn" in p and "twice" in p for p in _problems(text))
+
+
+def test_good_claim_header_names_are_lower_cased() -> None:
+    text = MINIMAL.replace(
+        "issuers: [contoso]\n", "issuers: [contoso]\n    claim_headers: {X-User-Upn: upn}\n", 1
+    )
+    assert config_mod.parse(text, env={}).apis[0].claim_headers == (("x-user-upn", "upn"),)
+
+
+def test_strip_method_override_is_on_by_default_and_can_be_turned_off() -> None:
+    assert config_mod.parse(MINIMAL, env={}).apis[0].strip_method_override is True
+    text = MINIMAL.replace(
+        "issuers: [contoso]\n", "issuers: [contoso]\n    strip_method_override: false\n", 1
+    )
+    assert config_mod.parse(text, env={}).apis[0].strip_method_override is False

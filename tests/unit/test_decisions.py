@@ -52,6 +52,7 @@ METADATA_API = replace(
 )
 
 STANDARD = ("x-user-id", "x-tenant-id", "x-client-id", "x-roles", "x-scopes", "x-token-kind")
+OVERRIDES = ("x-http-method-override", "x-method-override", "x-http-method")
 
 
 def principal(**kw: Any) -> Principal:
@@ -105,7 +106,7 @@ def test_allow_with_principal_sets_the_contract_and_removes_the_rest() -> None:
         ("x-user-name", "Ann"),
         ("x-groups", "g1,g2"),
     )
-    assert d.remove_headers == ("x-user-email", "x-missing", "authorization")
+    assert d.remove_headers == ("x-user-email", "x-missing", *OVERRIDES, "authorization")
     assert dict(d.metadata) == {
         "decision_id": "d1",
         "api": "orders",
@@ -128,6 +129,7 @@ def test_anonymous_allow_removes_every_identity_header() -> None:
         "x-user-name",
         "x-groups",
         "x-missing",
+        *OVERRIDES,
         "authorization",
     )
     assert dict(d.metadata) == {
@@ -143,7 +145,26 @@ def test_anonymous_allow_removes_every_identity_header() -> None:
 
 def test_forward_authorization_keeps_the_token_header() -> None:
     d = allowed(FORWARDING_API, None)
-    assert d.remove_headers == (*STANDARD, "x-user-email")
+    assert d.remove_headers == (*STANDARD, "x-user-email", *OVERRIDES)
+
+
+@pytest.mark.parametrize("who", [None, "principal"], ids=["anonymous", "verified"])
+def test_method_override_headers_are_removed_unless_the_api_keeps_them(who: str | None) -> None:
+    """A GET rule must not let the backend run the DELETE a method-override header names."""
+    p = principal() if who else None
+    stripped = allowed(BARE_API, p).remove_headers
+    assert set(OVERRIDES) <= set(stripped)
+    kept = allowed(replace(BARE_API, strip_method_override=False), p).remove_headers
+    assert not set(OVERRIDES) & set(kept)
+    assert set(stripped) - set(kept) == set(OVERRIDES)
+
+
+def test_method_override_headers_are_stripped_once_when_also_listed() -> None:
+    contract = HeaderContract(also_strip=("X-HTTP-Method-Override",))
+    d = allow(
+        decision_id="d", request_id="", api=BARE_API, route=None, principal=None, contract=contract
+    )
+    assert d.remove_headers.count("x-http-method-override") == 1
 
 
 def test_empty_values_are_removed_not_set() -> None:
@@ -155,7 +176,7 @@ def test_empty_values_are_removed_not_set() -> None:
         ("x-client-id", "azp-1"),
         ("x-token-kind", "app"),
     )
-    assert d.remove_headers == ("x-roles", "x-scopes", "x-user-email", "authorization")
+    assert d.remove_headers == ("x-roles", "x-scopes", "x-user-email", *OVERRIDES, "authorization")
 
 
 def test_configured_header_names_are_used_lower_case() -> None:
@@ -168,7 +189,7 @@ def test_configured_header_names_are_used_lower_case() -> None:
         principal=None,
         contract=contract,
     )
-    assert d.remove_headers == ("x-caller", *STANDARD[1:], "x-forged", "authorization")
+    assert d.remove_headers == ("x-caller", *STANDARD[1:], "x-forged", *OVERRIDES, "authorization")
     assert (d.api, d.route) == ("", "")
 
 
@@ -472,7 +493,7 @@ def test_a_claim_header_may_replace_a_standard_header() -> None:
     headers = dict(d.upstream_headers)
     assert headers["x-user-id"] == "ann@example.com"
     assert "x-roles" not in headers
-    assert d.remove_headers == ("x-roles", "x-user-email", "authorization")
+    assert d.remove_headers == ("x-roles", "x-user-email", *OVERRIDES, "authorization")
 
 
 def test_decision_ids_are_unique_128_bit_hex_across_batches() -> None:

@@ -15,6 +15,7 @@ from authz.identity.cache import ClaimsCache
 from authz.identity.entra import TokenVerifier, crypto_denial
 from authz.policy.errors import Code, Denial, Unauthenticated, Unavailable, UnknownSigningKey
 from authz.policy.model import TokenKind, TokenSettings
+from tests.unit.conftest import DROP
 
 
 def make(env: SimpleNamespace, keys: Any, clock: list[float], cache: bool = False) -> TokenVerifier:
@@ -344,3 +345,76 @@ def test_multi_tenant_issuer_listed_first_does_not_shadow_a_single_tenant_one(
     with pytest.raises(Denial) as err:
         v.verify(minter.token(), env.make_api("partners"))
     assert err.value.code is Code.TENANT_NOT_ALLOWED
+
+
+# ------------------------------------------------------- client id by version, hasgroups (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("version", "claims", "expected"),
+    [
+        ("1.0", {"appid": "v1-app", "azp": "forged-azp"}, "v1-app"),
+        ("1.0", {"appid": DROP, "azp": "forged-azp"}, ""),
+        ("2.0", {"azp": "v2-app", "appid": "forged-appid"}, "v2-app"),
+        ("2.0", {"azp": DROP, "appid": "forged-appid"}, ""),
+    ],
+    ids=["v1-appid-wins", "v1-azp-ignored", "v2-azp-wins", "v2-appid-ignored"],
+)
+def test_client_id_comes_from_the_versions_own_claim(
+    verifier: TokenVerifier,
+    minter: Any,
+    env: SimpleNamespace,
+    version: str,
+    claims: dict[str, str],
+    expected: str,
+) -> None:
+    """v1 tokens name the client in 'appid', v2 in 'azp': the other claim never stands in for it
+    (it feeds the client allowlist and x-client-id)."""
+    p = verifier.verify(minter.token(version=version, **claims), env.make_api())
+    assert p.client_id == expected
+
+
+@pytest.mark.parametrize(
+    ("claims", "overage"),
+    [
+        ({"hasgroups": True}, True),
+        ({"hasgroups": False}, False),
+        ({"_claim_names": {"groups": "src1"}}, True),
+        ({}, False),
+    ],
+    ids=["hasgroups-true", "hasgroups-false", "claim-names", "neither"],
+)
+def test_hasgroups_is_groups_overage(
+    verifier: TokenVerifier,
+    minter: Any,
+    env: SimpleNamespace,
+    claims: dict[str, Any],
+    overage: bool,
+) -> None:
+    p = verifier.verify(minter.token(**claims), env.make_api())
+    assert p.groups_overage is overage
+
+
+@pytest.mark.parametrize("value", ["true", 1, None, []], ids=["string", "int", "null", "list"])
+def test_hasgroups_of_another_type_is_invalid(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace, value: Any
+) -> None:
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(minter.token(hasgroups=value), env.make_api())
+    assert info.value.code is Code.INVALID_CLAIM
+
+
+def test_hasgroups_denies_group_rules_as_overage(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace
+) -> None:
+    """A token that says hasgroups: true carries no usable groups: group rules answer
+    groups_overage (decide elsewhere), not missing_group (a wrong, definitive answer)."""
+    from authz.policy.authorize import authorize
+    from authz.policy.errors import Forbidden
+    from authz.policy.model import Clause, Requirement
+
+    p = verifier.verify(minter.token(hasgroups=True), env.make_api())
+    need = Requirement(any_of=(Clause(groups_any=frozenset({env.TENANT})),))
+    with pytest.raises(Forbidden) as info:
+        authorize(need, p)
+    assert info.value.code is Code.GROUPS_OVERAGE

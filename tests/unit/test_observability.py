@@ -124,3 +124,103 @@ def test_redaction_and_json_formatter() -> None:
     out = json.loads(JsonFormatter().format(record))
     assert out["msg"] == "got [redacted-token]"
     assert (out["level"], out["logger"]) == ("info", "authz.x")
+
+
+# --------------------------------------------- bounded, redacted client fields (issue 11, #15)
+
+JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ4IiwidGlkIjoieSJ9.c2lnbmF0dXJlLWJ5dGVz"
+OPAQUE_JWS = "QWxhZGRpbjpvcGVuIHNlc2FtZQ.c2VjcmV0LXBheWxvYWQtYnl0ZXM.c2lnbmF0dXJlLWJ5dGVzLTEyMw"
+SECRETS = (JWT, OPAQUE_JWS, "opaque-bearer-credential-42", "c2lnbmF0dXJlLWJ5dGVz")
+
+
+def _one_line(attrs: RequestAttrs, d: Decision = DENY) -> tuple[str, dict[str, object]]:
+    buf = io.StringIO()
+    log = AuditLog(buf)
+    log.record(attrs, d, 0.0)
+    log.flush()
+    text = buf.getvalue()
+    assert text.count("\n") == 1
+    return text, json.loads(text)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (f"/orders#access_token={JWT}", "/orders"),
+        (f"/orders#frag?x={JWT}", "/orders"),
+        (f"/orders?x=1#access_token={JWT}", "/orders"),
+        (f"/files/{JWT}/x", "/files/[redacted-token]/x"),
+        (f"/files/{OPAQUE_JWS}", "/files/[redacted-token]"),
+        ("/auth/Bearer%20opaque-bearer-credential-42", "/auth/[redacted-token]"),
+        ("/files/report.2024.pdf", "/files/report.2024.pdf"),
+    ],
+    ids=["fragment", "fragment-then-query", "query-then-fragment", "jwt", "jws", "bearer", "dots"],
+)
+def test_audit_path_never_carries_a_fragment_or_a_token(raw: str, expected: str) -> None:
+    text, line = _one_line(RequestAttrs(method="GET", path=raw))
+    assert line["path"] == expected
+    for secret in SECRETS:
+        assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        JWT,
+        f"Bearer {JWT}",
+        "Bearer opaque-bearer-credential-42",
+        "bEaReR opaque-bearer-credential-42",
+    ],
+    ids=["jwt", "bearer-jwt", "bearer-opaque", "mixed-case-bearer"],
+)
+def test_token_shaped_request_ids_are_redacted(value: str) -> None:
+    text, line = _one_line(RequestAttrs(method="GET", path="/x", request_id=f"id {value}"))
+    assert line["request_id"] == "id [redacted-token]"
+    for secret in SECRETS:
+        assert secret not in text
+
+
+def test_every_client_supplied_field_is_bounded() -> None:
+    huge = "A" * 100_000
+    who = Principal(
+        tid=huge,
+        oid=huge,
+        sub="s",
+        client_id=huge,
+        kind=TokenKind.USER,
+        version="2.0",
+        issuer="i",
+        audience="a",
+        provider="p",
+        expires_at=1,
+        uti=huge,
+    )
+    d = Decision(
+        allowed=False, status=403, code="missing_role", reason="r", decision_id="d", principal=who
+    )
+    attrs = RequestAttrs(method=huge, path="/" + huge, request_id=huge)
+    text, line = _one_line(attrs, d)
+    limits = {"request_id": 128, "method": 16, "path": 512, "tid": 128, "oid": 128, "azp": 128}
+    for field_name, limit in {**limits, "uti": 128}.items():
+        assert len(str(line[field_name])) == limit, field_name
+    assert len(text) < 2048
+
+
+def test_token_in_a_principal_field_is_redacted() -> None:
+    who = Principal(
+        tid="t",
+        oid="o",
+        sub="s",
+        client_id="c",
+        kind=TokenKind.USER,
+        version="2.0",
+        issuer="i",
+        audience="a",
+        provider="p",
+        expires_at=1,
+        uti=JWT,
+    )
+    d = Decision(allowed=True, status=200, code="ok", reason="r", decision_id="d", principal=who)
+    text, line = _one_line(RequestAttrs(method="GET", path="/x"), d)
+    assert line["uti"] == "[redacted-token]"
+    assert JWT not in text

@@ -39,6 +39,12 @@ REWRITTEN = [
     ("raw braces encoded", "/a{b}|c", "/a%7Bb%7D%7Cc"),
     ("raw and encoded spellings agree", "/a%7bb%7d%7cc", "/a%7Bb%7D%7Cc"),
     ("dot then query", "/a/..?q=/admin", "/"),
+    ("encoded colon decoded", "/orders/export%3Aall", "/orders/export:all"),
+    ("encoded colon lower-case hex", "/orders/export%3aall", "/orders/export:all"),
+    ("encoded at decoded", "/users/alice%40contoso.com", "/users/alice@contoso.com"),
+    ("encoded sub-delims decoded", "/%21%24%26%27%28%29%2A%2B%2C%3D", "/!$&'()*+,="),
+    ("encoded plus is a plus", "/a%2Bb+c", "/a+b+c"),
+    ("encoded colon then dot-dot", "/a%3A/../b", "/b"),
 ]
 
 REJECTED = [

@@ -96,6 +96,33 @@ def test_encoded_bypass_attempts_match_as_the_path_they_resolve_to() -> None:
         assert got.name == "admin"
 
 
+def test_encoded_pchar_cannot_fall_through_an_exact_rule_to_a_weaker_prefix() -> None:
+    """Backends decode '%3A' to ':' before routing: so do we, or the exact rule is skipped."""
+    table = RouteTable.build(
+        api(
+            route("export", "/orders/export:all", methods=frozenset({"GET"})),
+            route("alice", "/users/alice@contoso.com"),
+            route("orders", "/orders", "prefix"),
+            route("users", "/users", "prefix"),
+        )
+    )
+    for raw, name in [
+        ("/orders/export:all", "export"),
+        ("/orders/export%3Aall", "export"),
+        ("/orders/export%3aall", "export"),
+        ("/users/alice%40contoso.com", "alice"),
+        ("/users/alice%40contoso%2Ecom", "alice"),
+    ]:
+        got = table.match("GET", "", canonicalize(raw))
+        assert got is not None, raw
+        assert got.name == name, raw
+
+
+def test_an_encoded_config_path_is_refused_with_its_canonical_spelling() -> None:
+    with pytest.raises(ValueError, match=r"write it as '/orders/export:all'"):
+        RouteTable.build(api(route("export", "/orders/export%3Aall")))
+
+
 def test_empty_api_matches_nothing() -> None:
     assert RouteTable.build(api()).match("GET", "", "/") is None
 
