@@ -30,7 +30,7 @@ def restore_logging() -> Iterator[None]:
     [
         (0.0, "1970-01-01T00:00:00.000Z"),
         (1700000000.1234, "2023-11-14T22:13:20.123Z"),
-        (1700000000.9999, "2023-11-14T22:13:20.999Z"),  # truncated, never rounded to the next second
+        (1700000000.9999, "2023-11-14T22:13:20.999Z"),  # truncated, never rounded up
     ],
     ids=["epoch", "millis", "no-carry"],
 )
@@ -40,7 +40,9 @@ def test_rfc3339(epoch: float, expected: str) -> None:
 
 
 def _record() -> logging.LogRecord:
-    record = logging.LogRecord("authz.keys", logging.WARNING, __file__, 1, "refresh failed", (), None)
+    record = logging.LogRecord(
+        "authz.keys", logging.WARNING, __file__, 1, "refresh failed", (), None
+    )
     record.created = 1700000000.5
     return record
 
