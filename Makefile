@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: all venv demo test lint typecheck pytest protos check-protos bench clean system-deps
+.PHONY: all venv demo test lint typecheck pytest protos check-protos bench clean system-deps test-deps
 
 all: test
 
@@ -27,6 +27,16 @@ system-deps:
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q wrk >/dev/null; \
 	  else echo "wrk is missing: apt-get install wrk (only the benchmark needs it)"; fi; }
 
+# promtool (tests/unit/test_monitoring.py checks the alert rules with it) is in Debian's
+# `prometheus` package; kubectl (kustomize for tests/unit/test_k8s_manifests.py) is in the
+# machine image. Install promtool when missing and we are allowed to.
+test-deps:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null; \
+	  else echo "promtool is missing: apt-get install prometheus (tests/unit/test_monitoring.py needs it)"; fi; }
+
 demo: venv
 	$(BIN)/authz demo $(ARGS)
 
@@ -40,7 +50,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+pytest: venv test-deps
 	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-branch --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
 
 test: lint typecheck pytest

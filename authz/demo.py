@@ -10,7 +10,9 @@ step gave the expected answer. Dev tooling: imports ``authz.devidp``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -167,6 +169,18 @@ def run_tour(stack: Stack, out: Callable[[str], None] = print) -> bool:
     return ok
 
 
+def authz_command() -> str:
+    """How the user's shell reaches *this* ``authz``: ``make demo`` runs ``.venv/bin/authz``,
+    which is not on PATH unless the venv is activated, so the hint names it by its path."""
+    beside = Path(sys.executable).parent / "authz"
+    if not beside.exists() or shutil.which("authz") == str(beside):
+        return "authz"
+    try:
+        return str(beside.relative_to(Path.cwd()))  # .venv/bin/authz from the repository
+    except ValueError:
+        return str(beside)
+
+
 def _curl_examples(stack: Stack) -> str:
     user = stack.mint(scp="Orders.Read")
     app = stack.mint(kind="app", roles=("Orders.Read.All",), scp=None)
@@ -181,7 +195,8 @@ def _curl_examples(stack: Stack) -> str:
             f"  curl -si -X POST {u}/orders -H 'Authorization: Bearer {user}'   # 403",
             f"  curl -si {u}/orders/7                                            # 401",
             f"  curl -si {u}/orders/healthz -H 'x-user-id: attacker'             # dropped",
-            f"Mint your own: authz dev-idp mint --url {stack.idp.base_url} --scp Orders.Read",
+            f"Mint your own: {authz_command()} dev-idp mint --url {stack.idp.base_url}"
+            " --scp Orders.Read",
             f"Metrics: curl -s http://127.0.0.1:{stack.ports['admin']}/metrics | grep authz_",
             "Press Ctrl-C to stop.",
         ]

@@ -309,10 +309,25 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def rfc3339(epoch: float) -> str:
+    """``2026-12-03T07:10:07.123Z``: RFC 3339, UTC, milliseconds (the form of Envoy's
+    ``%START_TIME%`` in our access logs), so both logs sort and join on one clock format."""
+    whole = int(epoch)
+    millis = int((epoch - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: RFC 3339 ``ts``, ``level``, ``logger``, ``msg``, the known
+    extra fields, and ``worker`` (the worker index) on every line a worker process writes."""
+
+    def __init__(self, *, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": round(record.created, 3),
+            "ts": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -321,15 +336,21 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value is not None:
                 out[key] = value
+        if self._worker is not None:
+            out["worker"] = self._worker
         if record.exc_info:
             out["exc"] = JWT_RE.sub(REDACTED, self.formatException(record.exc_info))
         return json.dumps(out, separators=(",", ":"))
 
 
-def configure_logging(level: str = "INFO", *, json_format: bool = True) -> None:
+def configure_logging(
+    level: str = "INFO", *, json_format: bool = True, worker: int | None = None
+) -> None:
+    """Logs to stderr; ``worker``: the worker index a worker process stamps on every line."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactFilter())
-    handler.setFormatter(JsonFormatter() if json_format else logging.Formatter("%(message)s"))
+    plain = logging.Formatter("%(message)s" if worker is None else f"[worker {worker}] %(message)s")
+    handler.setFormatter(JsonFormatter(worker=worker) if json_format else plain)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -336,7 +336,9 @@ def worker_main() -> int:
     from authz.cli import run_async  # noqa: PLC0415
     from authz.observability import configure_logging  # noqa: PLC0415
 
-    configure_logging(spec["log_level"], json_format=not spec["plain_logs"])
+    configure_logging(
+        spec["log_level"], json_format=not spec["plain_logs"], worker=int(spec["index"])
+    )
     try:
         settings = config_mod.load(spec["config"])
     except config_mod.ConfigError as e:

@@ -45,6 +45,14 @@ TEST_VALUES: dict[str, dict[str, str]] = {
         "ORDERS_HOST": "localhost",
         "INVENTORY_HOST": "localhost",
     },
+    "ingress-http.yaml": {
+        "LISTEN_PORT": "18380",
+        "ADMIN_PORT": "19931",
+        "STATS_PORT": "19932",
+        "AUTHZ_HOST": "localhost",
+        "ORDERS_HOST": "localhost",
+        "INVENTORY_HOST": "localhost",
+    },
 }
 TEMPLATES = sorted(TEST_VALUES)
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
@@ -184,7 +192,7 @@ def test_access_log_has_decision_fields_and_never_the_token(
     (log,) = hcm["access_log"]
     fields = log["typed_config"]["log_format"]["json_format"]
     assert "authorization" not in yaml.safe_dump(hcm["access_log"]).lower()
-    prefix = "x-authz-" if name == "sidecar-http.yaml" else ""
+    prefix = "x-authz-" if name.endswith("-http.yaml") else ""
     for field, key in [("authz_code", "code"), ("decision_id", "decision_id"), ("api", "api")]:
         meta_key = prefix + key.replace("_", "-") if prefix else key
         assert fields[field] == f"%DYNAMIC_METADATA({EXT_AUTHZ}:{meta_key})%"
@@ -215,8 +223,8 @@ def test_grpc_routes_name_their_api(name: str) -> None:
 def test_authz_cluster_speaks_http2(config: tuple[str, dict[str, Any]]) -> None:
     name, cfg = config
     opts_key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    if name == "sidecar-http.yaml":
-        c = cluster(cfg, "authz_http")
+    if name.endswith("-http.yaml"):  # HTTP ext_authz: HTTP/1.1, one check per connection at a time
+        c = cluster(cfg, "authz_http" if name == "sidecar-http.yaml" else "authz")
         assert (
             "http_protocol_options"
             in c["typed_extension_protocol_options"][opts_key]["explicit_http_config"]
@@ -238,6 +246,38 @@ def test_sidecar_talks_to_loopback_only(name: str) -> None:
         for ep in walk(c["load_assignment"]):
             if "socket_address" in ep:
                 assert ep["socket_address"]["address"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("name", ["ingress.yaml", "ingress-http.yaml"])
+def test_ingresses_limit_connections_and_memory(name: str) -> None:
+    """Overload manager (global connection limit, heap actions) and per-connection limits: an
+    edge Envoy without them warns at start and can be exhausted by one client."""
+    cfg = yaml.safe_load(rendered(name))
+    monitors = {m["name"]: m["typed_config"] for m in cfg["overload_manager"]["resource_monitors"]}
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert int(connections["max_active_downstream_connections"]) > 0
+    assert int(monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"]) > 0
+    actions = {a["name"] for a in cfg["overload_manager"]["actions"]}
+    assert "envoy.overload_actions.stop_accepting_requests" in actions
+    (listener,) = [x for x in cfg["static_resources"]["listeners"] if x["name"] == "ingress"]
+    assert listener["per_connection_buffer_limit_bytes"] <= 65536
+    (hcm,) = hcms(cfg)
+    assert hcm["http2_protocol_options"]["max_concurrent_streams"] <= 100
+
+
+def test_ingress_http_spreads_checks_over_a_healthy_pool() -> None:
+    """The HTTP variant (central mode's default) keeps the gRPC one's spreading."""
+    text = (ENVOY_DIR / "ingress-http.yaml").read_text(encoding="utf-8")
+    cfg = yaml.safe_load(render(text, defaults(text)))
+    c = cluster(cfg, "authz")
+    assert c["type"] == "STRICT_DNS"
+    assert c["lb_policy"] == "LEAST_REQUEST"
+    (lb,) = c["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert lb["endpoint"]["address"]["socket_address"]["address"].startswith("entra-authz-headless")
+    (hc,) = c["health_checks"]
+    assert hc["http_health_check"]["path"] == "/readyz"
+    assert c["outlier_detection"]["max_ejection_percent"] <= 50
+    assert ext_authz(hcms(cfg)[0])["http_service"]["server_uri"]["cluster"] == "authz"
 
 
 def test_ingress_spreads_checks_over_a_healthy_pool() -> None:

@@ -1,24 +1,34 @@
 """deploy/monitoring: the alert rules and the Grafana dashboard only reference series the service
-really exports, with labels those series really carry.
+(and Envoy) really export, with labels those series really carry; the monitoring component's
+PrometheusRule and dashboard ConfigMap are generated from them and current; every alert has a
+runbook section.
 
 The reference is a real ``/metrics`` exposition: ``authz.observability.Metrics`` plus the process
 collector on a private registry, with one sample of every labelled series recorded the way the
-service records it, rendered by ``generate_latest`` and parsed back.
+service records it, rendered by ``generate_latest`` and parsed back; for ``envoy_*`` series, the
+real Envoy 1.40's ``/stats/prometheus`` after one check that failed (authz not listening).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import random
 import re
 import shutil
 import subprocess
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import prometheus_client as prom
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from authz import devstack
+from authz.envoyconf import defaults, render
 from authz.observability import Metrics
 from authz.policy.errors import Code
 from authz.policy.model import Decision
@@ -31,9 +41,12 @@ DASHBOARD = MONITORING / "dashboard.json"
 # Labels Prometheus attaches when it scrapes (target labels), not present in the exposition.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container"}
 SEVERITIES = {"critical", "warning", "info"}
-METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])((?:authz|process)_[a-z0-9_]+)(?![A-Za-z0-9_:])")
+# A metric name, not a label name (``envoy_cluster_name="authz"``) nor a grouping label.
+METRIC_RE = re.compile(
+    r"(?<![A-Za-z0-9_:])((?:authz|process|envoy)_[a-z0-9_]+)(?![A-Za-z0-9_:])(?!\s*(?:=|!=|=~|!~))"
+)
 STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
-SELECTOR_RE = re.compile(r"((?:authz|process)_[a-z0-9_]+)\s*\{([^}]*)\}")
+SELECTOR_RE = re.compile(r"((?:authz|process|envoy)_[a-z0-9_]+)\s*\{([^}]*)\}")
 MATCHER_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 GROUPING_RE = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 
@@ -86,8 +99,77 @@ def _exprs() -> list[str]:
 # --------------------------------------------------------------------------------- exposition
 
 
+def _families(text: str) -> dict[str, set[str]]:
+    samples: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples.setdefault(s.name, set()).update(s.labels)
+    return samples
+
+
+def _raw_samples(text: str) -> dict[str, set[str]]:
+    """Sample names exactly as written (prometheus_client's parser would append ``_total`` to
+    Envoy's counters, which PromQL never sees)."""
+    samples: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = re.split(r"[{ ]", line, maxsplit=1)[0]
+            labels = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="', line.split("}")[0])
+            samples.setdefault(name, set()).update(labels)
+    return samples
+
+
 @pytest.fixture(scope="module")
-def exposition() -> dict[str, set[str]]:
+def envoy_exposition(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
+    """The central ingress (envoy/ingress-http.yaml) with authz not listening: one request
+    through it makes the ext_authz filter count an error, then its stats are scraped."""
+    template = (ROOT / "envoy" / "ingress-http.yaml").read_text(encoding="utf-8")
+    ports = {k: str(devstack.free_port()) for k in ("LISTEN_PORT", "ADMIN_PORT", "STATS_PORT")}
+    values = {
+        **defaults(template),
+        **ports,
+        "AUTHZ_HOST": "127.0.0.1",
+        "AUTHZ_HTTP_PORT": str(devstack.free_port()),  # nothing listens: the check errors
+        "AUTHZ_ADMIN_PORT": str(devstack.free_port()),
+        "ORDERS_HOST": "127.0.0.1",
+        "INVENTORY_HOST": "127.0.0.1",
+    }
+    config = tmp_path_factory.mktemp("envoy") / "envoy.yaml"
+    config.write_text(render(template, values), encoding="utf-8")
+    base_id = str(random.randint(1000, 60000))
+    proc = subprocess.Popen(
+        [devstack.envoy_binary(), "-c", str(config), "--base-id", base_id, "--concurrency", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stats = f"http://127.0.0.1:{ports['STATS_PORT']}"
+    try:
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(stats + "/ready", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        devstack.wait_until(ready, 30, "envoy ready", proc)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports['LISTEN_PORT']}/orders/1",
+            headers={"Host": "orders.example.com"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(request, timeout=5)
+        assert denied.value.code == 503  # fail closed, status_on_error
+        with urllib.request.urlopen(stats + "/stats/prometheus", timeout=5) as r:
+            text = r.read().decode()
+        yield _raw_samples(text)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def exposition(envoy_exposition: dict[str, set[str]]) -> dict[str, set[str]]:
     """Sample name -> the label names it carries, from a real /metrics rendering."""
     registry = prom.CollectorRegistry()
     metrics = Metrics(registry)
@@ -109,11 +191,7 @@ def exposition() -> dict[str, set[str]]:
     metrics.internal_errors.labels("grpc").inc()
     metrics.ready.set(1)
     text = prom.generate_latest(registry).decode()
-    samples: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, set()).update(s.labels)
-    return samples
+    return {**_families(text), **envoy_exposition}
 
 
 def _strip_strings(expr: str) -> str:
@@ -338,9 +416,83 @@ def test_expressions_are_balanced() -> None:
             assert depth == 0, raw
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_promtool_check_rules() -> None:
-    result = subprocess.run(
-        ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
+def test_promtool_check_rules(tmp_path: Path) -> None:
+    """The source rule file and the PrometheusRule's groups (what the Operator loads).
+    promtool comes from Debian's `prometheus` package: `make test` installs it."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: apt-get install prometheus (make test does)"
+    rule = yaml.safe_load(
+        (ROOT / "deploy/k8s/components/monitoring/prometheusrule.yaml").read_text()
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    spec = tmp_path / "prometheusrule-spec.yaml"
+    spec.write_text(yaml.safe_dump(rule["spec"]))
+    for path in (ALERTS, spec):
+        result = subprocess.run(
+            [promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------- generated objects, runbook, Envoy side
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("generate", MONITORING / "generate.py")
+    assert spec
+    assert spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_component_objects_are_generated_from_the_source_and_current() -> None:
+    gen = _generator()
+    for path, text in gen.outputs().items():
+        assert path.read_text(encoding="utf-8") == text, (
+            f"{path.name} is stale: python deploy/monitoring/generate.py"
+        )
+    rule = yaml.safe_load((gen.COMPONENT / "prometheusrule.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule"
+    source = yaml.safe_load(ALERTS.read_text())
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            r["annotations"].pop("runbook_url")
+    assert rule["spec"]["groups"] == source["groups"]  # every alert, unchanged
+    dash = yaml.safe_load((gen.COMPONENT / "dashboard.yaml").read_text())
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dash["data"]["entra-authz.json"]) == _dashboard()
+    assert gen.main(["--check"]) == 0
+
+
+def _runbook_anchors() -> set[str]:
+    text = (ROOT / "docs" / "runbook.md").read_text(encoding="utf-8")
+    return {m.lower() for m in re.findall(r"^## (\w+)\s*$", text, re.MULTILINE)}
+
+
+def test_every_alert_links_a_runbook_section() -> None:
+    gen = _generator()
+    rule = yaml.safe_load((gen.COMPONENT / "prometheusrule.yaml").read_text())
+    anchors = _runbook_anchors()
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            url = r["annotations"]["runbook_url"]
+            base, _, anchor = url.partition("#")
+            assert base.endswith("/docs/runbook.md"), url
+            assert anchor in anchors, f"{r['alert']}: add '## {r['alert']}' to docs/runbook.md"
+    names = {r["alert"].lower() for r in _alert_rules()}
+    assert anchors == names, "a runbook section without an alert (or the reverse)"
+
+
+def test_alerts_cover_targets_and_envoys_view() -> None:
+    rules = {r["alert"]: r for r in _alert_rules()}
+    assert "up{" in rules["AuthzTargetDown"]["expr"]
+    assert "absent(" in rules["AuthzMetricsAbsent"]["expr"]
+    assert "envoy_http_ext_authz_error" in rules["AuthzEnvoyExtAuthzErrors"]["expr"]
+    assert "envoy_cluster_upstream_rq_timeout" in rules["AuthzEnvoyExtAuthzTimeouts"]["expr"]
+
+
+def test_envoy_counted_the_failed_check(envoy_exposition: dict[str, set[str]]) -> None:
+    """The series the Envoy alerts read exist with the labels they match on."""
+    labels = envoy_exposition["envoy_http_ext_authz_error"]
+    assert {"envoy_ext_authz_prefix", "envoy_http_conn_manager_prefix"} <= labels
+    assert "envoy_cluster_name" in envoy_exposition["envoy_cluster_upstream_rq_timeout"]
