@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -53,9 +54,7 @@ def _load_or_exit(path: str, *, logged: bool = False) -> config_mod.Settings | N
         settings = config_mod.load(path)
     except config_mod.ConfigError as e:
         if logged:
-            log.error(
-                "invalid configuration in %s; not starting", path, extra={"error": e.problems}
-            )
+            log.error("%s; not starting", e)
         else:
             print(str(e), file=sys.stderr)
         return None
@@ -88,11 +87,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from authz.server import workers  # noqa: PLC0415
 
+    grpc_listen, http_listen = workers._listens(settings, args.transport)
+    problem = _unavailable(
+        {
+            "server.grpc_listen": grpc_listen,
+            "server.http_listen": http_listen,
+            "server.admin_listen": settings.server.admin_listen,
+        }
+    )
+    if problem:
+        log.error("cannot start: %s", problem)
+        return 2
     try:
         return workers.serve(settings, args)
     except (OSError, RuntimeError) as e:  # a port in use (grpc raises RuntimeError), no such host
         log.error("cannot start: %s", _bounded(e))
         return 2
+
+
+def _unavailable(listens: dict[str, str]) -> str:
+    """Why a configured address cannot be listened on (a port in use, an address not ours), or
+    "". Checked before any server starts, so the answer is one clear line (gRPC's own bind
+    failure is a C-core line on stderr and a vague RuntimeError). Port 0 is always free."""
+    for key, addr in listens.items():
+        if not addr:
+            continue
+        host, _, port = addr.rpartition(":")
+        if int(port) == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(
+                host.strip("[]") or None,
+                int(port),
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            family, kind, proto, _, sockaddr = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            return f"cannot listen on {addr} ({key}): {reason}"
+    return ""
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
