@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,8 +70,8 @@ def json_lines(stderr: str) -> list[dict[str, object]]:
 
 
 @pytest.fixture
-def cfg(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "authz.yaml"
+def cfg(tmp_path: Path) -> Path:
+    return tmp_path / "authz.yaml"
 
 
 def test_duplicate_key_fails_closed(cfg: Path) -> None:

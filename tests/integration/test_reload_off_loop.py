@@ -41,7 +41,7 @@ async def test_checks_are_answered_while_a_reload_parses(tmp_path: Path) -> None
             # order below shows it); it is not a threshold.
             answered.wait(timeout=10)
             order.append("file written")
-            with open(fifo, "w", encoding="utf-8") as f:  # noqa: PTH123
+            with open(fifo, "w", encoding="utf-8") as f:
                 f.write(text + "\n# generation 2\n")
 
         thread = threading.Thread(target=writer)
