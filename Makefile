@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: all venv demo test lint typecheck pytest protos check-protos bench clean system-deps test-deps
+.PHONY: all venv lock demo test lint typecheck pytest protos check-protos bench clean system-deps test-deps
 
 all: test
 
@@ -13,11 +13,22 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e '.[test]'
+# The tested set, pinned with hashes (requirements.lock, from `make lock`), then the package alone.
+$(STAMP): $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Regenerate requirements.lock from pyproject.toml (after changing a dependency; commit both).
+# pip-tools runs in its own environment so it never ends up in the locked one.
+LOCK_TOOLS := $(VENV)/lock-tools
+lock: $(BIN)/python
+	test -x $(LOCK_TOOLS)/bin/pip-compile || \
+	  { $(PY) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools; }
+	$(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras \
+	  --extra test --extra demo -o requirements.lock pyproject.toml
 
 # wrk (benchmarks) comes from Debian; install it when missing and we are allowed to.
 system-deps:

@@ -1,6 +1,10 @@
 """The ``authz`` command: serve, check-config, explain, dev-idp, echo, demo.
 
 Exit codes: 0 success, 1 a check/tour failed, 2 bad configuration or usage.
+
+No input makes a command print a traceback: a bad file, environment variable or argument, or a
+port already in use, ends in one clear message and exit 2. ``check-config`` prints the message;
+``serve`` logs it as one JSON line on stderr (what a log collector ingests), as it logs everything.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -31,14 +36,33 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main())
 
 
-def _load_or_exit(path: str) -> config_mod.Settings | None:
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(value: str) -> str:
+    """``--log-level`` / ``AUTHZ_LOG_LEVEL``: a level name, any case."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(LOG_LEVELS)} (got {config_mod.short(value)})"
+        )
+    return level
+
+
+def _load_or_exit(path: str, *, logged: bool = False) -> config_mod.Settings | None:
     try:
         settings = config_mod.load(path)
     except config_mod.ConfigError as e:
-        print(str(e), file=sys.stderr)
+        if logged:
+            log.error("%s; not starting", e)
+        else:
+            print(str(e), file=sys.stderr)
         return None
     for w in settings.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        if logged:
+            log.warning("config: %s", w)
+        else:
+            print(f"warning: {w}", file=sys.stderr)
     return settings
 
 
@@ -58,12 +82,54 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from authz.observability import configure_logging  # noqa: PLC0415
 
     configure_logging(args.log_level, json_format=not args.plain_logs)
-    settings = _load_or_exit(args.config)
+    settings = _load_or_exit(args.config, logged=True)
     if settings is None:
         return 2
     from authz.server import workers  # noqa: PLC0415
 
-    return workers.serve(settings, args)
+    grpc_listen, http_listen = workers._listens(settings, args.transport)
+    problem = _unavailable(
+        {
+            "server.grpc_listen": grpc_listen,
+            "server.http_listen": http_listen,
+            "server.admin_listen": settings.server.admin_listen,
+        }
+    )
+    if problem:
+        log.error("cannot start: %s", problem)
+        return 2
+    try:
+        return workers.serve(settings, args)
+    except (OSError, RuntimeError) as e:  # a port in use (grpc raises RuntimeError), no such host
+        log.error("cannot start: %s", _bounded(e))
+        return 2
+
+
+def _unavailable(listens: dict[str, str]) -> str:
+    """Why a configured address cannot be listened on (a port in use, an address not ours), or
+    "". Checked before any server starts, so the answer is one clear line (gRPC's own bind
+    failure is a C-core line on stderr and a vague RuntimeError). Port 0 is always free."""
+    for key, addr in listens.items():
+        if not addr:
+            continue
+        host, _, port = addr.rpartition(":")
+        if int(port) == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(
+                host.strip("[]") or None,
+                int(port),
+                type=socket.SOCK_STREAM,
+                flags=socket.AI_PASSIVE,
+            )
+            family, kind, proto, _, sockaddr = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as e:
+            reason = e.strerror or str(e)
+            return f"cannot listen on {addr} ({key}): {reason}"
+    return ""
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -102,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="processes (default: server.workers; 0 = one per available CPU, cgroup-aware)",
     )
-    s.add_argument("--log-level", default=os.environ.get("AUTHZ_LOG_LEVEL", "INFO"))
+    s.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("AUTHZ_LOG_LEVEL", "INFO"),
+        help=f"{', '.join(LOG_LEVELS)} (default: $AUTHZ_LOG_LEVEL or INFO)",
+    )
     s.add_argument("--plain-logs", action="store_true", help="human-readable logs, not JSON")
     s.set_defaults(func=cmd_serve)
 
@@ -141,6 +212,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # the promise: no traceback for any input; one bounded message
+        if logging.getLogger().handlers:  # `serve` configured JSON logging: stay one JSON line
+            log.error("failed: %s: %s", type(e).__name__, _bounded(e))
+        else:
+            print(f"authz: error: {type(e).__name__}: {_bounded(e)}", file=sys.stderr)
+        return 2
+
+
+def _bounded(e: BaseException) -> str:
+    text = str(e)
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,6 +7,14 @@ into the frozen value objects of ``authz.policy.model`` (tuples, frozensets). No
 consulted per request: route templates are compiled and checked here once, so a config that loads
 cannot fail later. Listen addresses may be overridden by environment variables for containers.
 
+The YAML is read by ``_Loader`` (a ``SafeLoader``) and the composed node graph is checked before
+anything is built from it: a key set twice in one mapping is an error (PyYAML would silently keep
+the last one: ``require: authenticated`` then ``require: anonymous`` would fail open), nesting is
+limited to ``MAX_DEPTH`` levels and aliases (``&a``/``*a``) may be used but the document they
+expand to is limited to ``MAX_NODES`` nodes (an alias bomb is refused, not expanded). Every
+problem is reported in one pass, and every message is bounded (values are shown abridged, at most
+``MAX_PROBLEMS`` lines).
+
 Must not import grpc, prometheus, asyncio or network libraries.
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +62,7 @@ HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 METHOD_RE = re.compile(r"^[A-Z]+$")
 LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 ACRS_RE = re.compile(r"^c[1-9][0-9]?$")
+ASCII_DIGITS_RE = re.compile(r"^[0-9]{1,6}$")
 RESERVED_HEADERS = frozenset(
     {"authorization", "host", "content-length", "transfer-encoding", "connection", "te"}
 )
@@ -75,11 +85,37 @@ SET_RESERVED_PREFIXES = (":", "x-envoy-", "x-authz-", "proxy-")
 ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 
 
+# Limits of the loader (see the module docstring and docs/configuration.md).
+MAX_DEPTH = 32  # nesting levels; the real schema needs 8
+MAX_NODES = 200_000  # YAML nodes after alias expansion (a large config has a few thousand)
+MAX_PROBLEMS = 100  # lines of one ConfigError
+MAX_PROBLEM_CHARS = 400  # characters of one line
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxlist = _SHORT.maxdict = _SHORT.maxtuple = _SHORT.maxset = 4
+
+
+def short(value: Any) -> str:
+    """A bounded repr for messages: a huge value must not make a huge error."""
+    return _SHORT.repr(value)
+
+
+def _bounded(problems: Sequence[str]) -> tuple[str, ...]:
+    out = [
+        p if len(p) <= MAX_PROBLEM_CHARS else p[: MAX_PROBLEM_CHARS - 3] + "..."
+        for p in problems[:MAX_PROBLEMS]
+    ]
+    if len(problems) > MAX_PROBLEMS:
+        out.append(f"... and {len(problems) - MAX_PROBLEMS} more problem(s)")
+    return tuple(out)
+
+
 class ConfigError(Exception):
     """A configuration that must not be served. ``problems`` are ``key.path: message`` lines."""
 
     def __init__(self, problems: Sequence[str], source: str = "") -> None:
-        self.problems = tuple(problems)
+        self.problems = _bounded(problems)
         self.source = source
         head = f"invalid configuration{f' in {source}' if source else ''}"
         super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in self.problems))
@@ -371,6 +407,7 @@ _TYPE_HINTS = {
     "string_type": "expected a string",
     "list_type": "expected a list",
     "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
     "int_type": "expected an integer",
     "float_type": "expected a number",
     "bool_type": "expected true or false",
@@ -396,7 +433,7 @@ def _problems(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[st
         shown = (
             ""
             if e["type"] in ("missing", "value_error") or isinstance(value, dict | list)
-            else f" (got {value!r})"
+            else f" (got {short(value)})"
         )
         msg = msg.removeprefix("Value error, ")
         out.append(f"{_loc(loc)}: {msg}{shown}")
@@ -433,7 +470,7 @@ def _requirement(raw: Any, where: list[int | str], problems: list[str]) -> Requi
             return AUTHENTICATED
     problems.append(
         f"{_loc(where)}: expected 'anonymous', 'authenticated', a mapping of requirements "
-        f"or {{any_of: [...]}} (got {raw!r})"
+        f"or {{any_of: [...]}} (got {short(raw)})"
     )
     return AUTHENTICATED
 
@@ -603,23 +640,41 @@ def _acl_mode_warnings(i: int, api: ApiSpec) -> list[str]:
     return out
 
 
-def from_mapping(data: Any, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:
-    """Validate an already-parsed document. Raises ConfigError listing every problem found."""
+def from_mapping(
+    data: Any,
+    *,
+    source: str = "",
+    env: Mapping[str, str] | None = None,
+    early: Sequence[str] = (),
+) -> Settings:
+    """Validate an already-parsed document. Raises ConfigError listing every problem found, with
+    ``early`` ones (found while reading the YAML, e.g. duplicate keys) first."""
     if not isinstance(data, dict):
-        raise ConfigError(["(top level): expected a mapping of sections"], source)
+        raise ConfigError([*early, "(top level): expected a mapping of sections"], source)
     data = dict(data)
     env = os.environ if env is None else env
-    server = dict(data.get("server") or {})
-    for var, key in ENV_OVERRIDES.items():
-        if var in env:
-            server[key] = int(env[var]) if key == "workers" and env[var].isdigit() else env[var]
-    if server:
-        data["server"] = server
+    problems: list[str] = list(early)
+    server = data.get("server")
+    server = {} if server is None else server
+    if isinstance(server, dict):  # anything else: the schema names it (server: expected a mapping)
+        server = dict(server)
+        for var, key in ENV_OVERRIDES.items():
+            if var not in env:
+                continue
+            if key != "workers":
+                server[key] = env[var]
+            elif ASCII_DIGITS_RE.match(env[var]):  # str.isdigit() is True for '²' and '٣'
+                server[key] = int(env[var])
+            else:
+                problems.append(
+                    f"{var} (environment): expected a number of workers (got {short(env[var])})"
+                )
+        if server:
+            data["server"] = server
     try:
         root = _Root.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_problems(e), source) from None
-    problems: list[str] = []
+        raise ConfigError([*problems, *_problems(e)], source) from None
     warnings: list[str] = []
     issuers = tuple(_issuer(m, i, problems) for i, m in enumerate(root.issuers))
     names = [s.name for s in issuers]
@@ -661,15 +716,131 @@ def from_mapping(data: Any, *, source: str = "", env: Mapping[str, str] | None =
     )
 
 
-def parse(text: str, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with a nesting limit while composing (the composer recurses per level)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _check_nodes(root: yaml.Node) -> list[str]:
+    """Walk the composed graph once (shared alias targets once, memoised): refuse a document that
+    expands beyond MAX_NODES nodes or MAX_DEPTH levels or that refers to itself; return every key
+    set twice in one mapping, by key path and line."""
+    duplicates: list[str] = []
+    memo: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+    active: set[int] = set()
+
+    def walk(node: yaml.Node, path: list[int | str], depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in active:
+            raise _TooLarge(f"line {node.start_mark.line + 1}: an alias refers to itself")
+        if key in memo:
+            size, height = memo[key]
+        else:
+            active.add(key)
+            size, height = 1, 0
+            children: list[tuple[int | str, yaml.Node]] = []
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[tuple[str, str], int] = {}
+                for k, v in node.value:
+                    name: int | str = "<<" if k.tag == _MERGE_TAG else short(k.value)
+                    if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG:
+                        name = k.value if isinstance(k.value, str) else short(k.value)
+                        ident = (k.tag, k.value)
+                        if ident in seen:
+                            duplicates.append(
+                                f"{_loc([*path, name])}: duplicate key {short(k.value)} on line "
+                                f"{k.start_mark.line + 1} (first set on line {seen[ident]})"
+                            )
+                        else:
+                            seen[ident] = k.start_mark.line + 1
+                    children += [(name, k), (name, v)]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(enumerate(node.value))
+            for name, child in children:
+                if depth + 1 > MAX_DEPTH:
+                    raise _TooLarge(
+                        f"line {child.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels "
+                        "(counting what aliases expand to)"
+                    )
+                s, h = walk(child, [*path, name], depth + 1)
+                size, height = size + s, max(height, h + 1)
+                if size > MAX_NODES:
+                    raise _TooLarge(
+                        f"line {node.start_mark.line + 1}: the document expands to more than "
+                        f"{MAX_NODES} nodes (aliases of aliases?); refusing to build it"
+                    )
+            active.discard(key)
+            memo[key] = (size, height)
+        if depth + height > MAX_DEPTH:
+            raise _TooLarge(
+                f"line {node.start_mark.line + 1}: nested deeper than {MAX_DEPTH} levels "
+                "(counting what aliases expand to)"
+            )
+        return size, height
+
+    walk(root, [], 0)
+    return duplicates
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` at the mark where the parser gave up (``problem_mark``),
+    with the construct it was reading (``context``, ``context_mark``) when that is elsewhere."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(e, "problem", None) or "not valid YAML"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None and (mark is None or cmark.line != mark.line):
+        problem += f" ({context} on line {cmark.line + 1})"
+    return f"{where}{problem}"
+
+
+def read_yaml(text: str, source: str = "") -> tuple[Any, list[str]]:
+    """The document and the problems found while reading it (duplicate keys); raises
+    ConfigError when it cannot be read at all (syntax, nesting, size)."""
+    loader = _Loader(text)
     try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        duplicates = _check_nodes(node)
+        return loader.construct_document(node), duplicates
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or "not valid YAML"
-        raise ConfigError([f"{where}{problem}"], source) from None
-    return from_mapping(data, source=source, env=env)
+        raise ConfigError([_yaml_problem(e)], source) from None
+    except _TooLarge as e:
+        raise ConfigError([str(e)], source) from None
+    except RecursionError:  # pragma: no cover - MAX_DEPTH keeps the composer far from the limit
+        raise ConfigError([f"nested deeper than {MAX_DEPTH} levels"], source) from None
+    finally:
+        loader.dispose()
+
+
+def parse(text: str, *, source: str = "", env: Mapping[str, str] | None = None) -> Settings:
+    data, early = read_yaml(text, source)
+    return from_mapping(data, source=source, env=env, early=early)
 
 
 def load(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Settings:

@@ -175,7 +175,8 @@ class Service:
         async with self._reload_lock:
             stamp = _stamp(self.config_path)
             try:
-                settings = config_mod.load(self.config_path)
+                # parsed in a thread: a huge or slow file never holds up the checks on this loop
+                settings = await asyncio.to_thread(config_mod.load, self.config_path)
                 new = self._build(settings, previous=self._state.keys)
                 await new.keys.start()
                 if not new.keys.ready:
