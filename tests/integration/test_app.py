@@ -36,7 +36,7 @@ def idp() -> Iterator[DevIdP]:
         yield idp
 
 
-def write_config(path: Path, idp: DevIdP, *, interval: float = 0, extra: str = "") -> Path:
+def write_config(path: Path, idp: DevIdP, *, interval: float = 300, extra: str = "") -> Path:
     text = stack_config(idp.base_url, unknown_kid_interval=interval)
     path.write_text(text + extra)
     return path
