@@ -196,6 +196,8 @@ class _Tokens(_Model):
     clock_skew_seconds: int = Field(default=60, ge=0, le=300)
     max_token_bytes: int = Field(default=16384, ge=1024, le=262144)
     cache: _Cache = Field(default_factory=_Cache)
+    # At most 0.15 s: well under Envoy's ext_authz timeout (200 ms default, 250 ms in envoy/).
+    unknown_kid_wait_seconds: float = Field(default=0.1, ge=0, le=0.15)
 
     @field_validator("algorithms")
     @classmethod
@@ -214,9 +216,11 @@ class _Issuer(_Model):
     allowed_tenants: StrList = Field(default_factory=list)
     refresh_interval_seconds: float = Field(default=3600.0, ge=1, le=86400)
     refresh_jitter_seconds: float = Field(default=300.0, ge=0, le=3600)
-    unknown_kid_min_interval_seconds: float = Field(default=300.0, ge=0, le=86400)
+    # The floor keeps a flood of random kids from forcing a fetch per request.
+    unknown_kid_min_interval_seconds: float = Field(default=300.0, ge=30, le=86400)
     fetch_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
     metadata_query: StrictStr = ""
+    max_key_age_seconds: float = Field(default=86400.0, ge=600, le=7 * 86400)
 
     @field_validator("name")
     @classmethod
@@ -483,6 +487,11 @@ def _issuer(m: _Issuer, i: int, problems: list[str]) -> IssuerSpec:
             f"{where}.allowed_tenants: required for a multi-tenant issuer ({m.tenant!r}); "
             "list the tenant ids you accept (there is no 'any tenant')"
         )
+    if m.max_key_age_seconds <= m.refresh_interval_seconds + m.refresh_jitter_seconds:
+        problems.append(
+            f"{where}.max_key_age_seconds: must exceed refresh_interval_seconds + "
+            "refresh_jitter_seconds (keys would expire between two healthy refreshes)"
+        )
     if not multi and m.allowed_tenants:
         problems.append(
             f"{where}.allowed_tenants: only for common/organizations; a single-tenant issuer "
@@ -499,6 +508,7 @@ def _issuer(m: _Issuer, i: int, problems: list[str]) -> IssuerSpec:
         unknown_kid_min_interval_s=m.unknown_kid_min_interval_seconds,
         fetch_timeout_s=m.fetch_timeout_seconds,
         metadata_query=m.metadata_query,
+        max_key_age_s=m.max_key_age_seconds,
     )
 
 
@@ -706,6 +716,7 @@ def from_mapping(
             max_token_bytes=root.tokens.max_token_bytes,
             cache_max_entries=root.tokens.cache.max_entries,
             cache_max_ttl_s=root.tokens.cache.max_ttl_seconds,
+            unknown_kid_wait_s=root.tokens.unknown_kid_wait_seconds,
         ),
         issuers=issuers,
         apis=apis,

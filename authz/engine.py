@@ -111,7 +111,9 @@ class Engine:
                 authorization_uri=self._authorization_uri,
             )
             if isinstance(denial, UnknownSigningKey):
-                decision = dataclasses.replace(decision, refresh_issuer=denial.issuer)
+                decision = dataclasses.replace(
+                    decision, refresh_issuer=denial.issuer, refresh_tenant=denial.tenant
+                )
             return decision
 
     def _try_identity(self, attrs: RequestAttrs, api: ApiSpec) -> Principal | None:

@@ -134,6 +134,14 @@ class Metrics:
             registry=registry,
             multiprocess_mode="min",
         )
+        self.jwks_keys_expiry = prom.Gauge(
+            "authz_jwks_keys_expiry_timestamp_seconds",
+            "Unix time at which the issuer's oldest key set in use passes its maximum age "
+            "(0: an issuer or allowed tenant has no keys); past it, its checks answer 503.",
+            ["issuer"],
+            registry=registry,
+            multiprocess_mode="min",
+        )
         self.cache_hits = prom.Counter(
             "authz_token_cache_hits", "Verified-token cache hits.", registry=registry
         )

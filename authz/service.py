@@ -71,7 +71,12 @@ class Service:
     # ---------------------------------------------------------------------------- construction
 
     def _build(self, settings: Settings, previous: KeyStore | None) -> _State:
-        keys = KeyStore(settings.issuers, self._client, observer=self.metrics)
+        keys = KeyStore(
+            settings.issuers,
+            self._client,
+            observer=self.metrics,
+            unknown_kid_wait_s=settings.tokens.unknown_kid_wait_s,
+        )
         if previous is not None:
             keys.adopt(previous)
         t = settings.tokens
@@ -115,7 +120,9 @@ class Service:
         start = time.perf_counter()
         try:
             decision = self._state.engine.check(attrs)
-            if decision.refresh_issuer and self._state.keys.refresh_due(decision.refresh_issuer):
+            if decision.refresh_issuer and self._state.keys.refresh_due(
+                decision.refresh_issuer, decision.refresh_tenant
+            ):
                 return None
         except Exception:
             decision = self._internal_error(attrs)
@@ -127,10 +134,12 @@ class Service:
         state = self._state
         try:
             decision = state.engine.check(attrs)
-            # A refresh cancelled under us (its store closed) reads as "no new keys" (see
-            # KeyStore: ``_join``): the check is answered unknown_signing_key, never an error.
+            # Awaited for at most tokens.unknown_kid_wait_seconds: a slower refresh (a hanging
+            # issuer) goes on in the background and this check is answered unknown_signing_key
+            # (401) before Envoy times out; the next check sees the keys. A refresh cancelled
+            # under us (its store closed) reads as "no new keys" too (KeyStore: ``_join``).
             if decision.refresh_issuer and await state.keys.refresh_unknown_kid(
-                decision.refresh_issuer
+                decision.refresh_issuer, decision.refresh_tenant
             ):
                 decision = state.engine.check(attrs)
         except Exception:
@@ -154,7 +163,14 @@ class Service:
     def housekeeping(self) -> None:
         """Periodic, off the check path: fold cache counters into metrics, flush the audit log."""
         self.sync_cache_metrics()
+        self.sync_key_metrics()
         self.audit.flush()
+
+    def sync_key_metrics(self) -> None:
+        """When each issuer's oldest key set passes its maximum age (0: a key set is missing)."""
+        keys = self._state.keys
+        for name in keys.issuers:
+            self.metrics.jwks_keys_expiry.labels(name).set(keys.keys_expire_at(name) or 0.0)
 
     def sync_cache_metrics(self) -> None:
         cache = self._state.cache

@@ -12,6 +12,9 @@ It serves Entra's paths for every configured tenant GUID, each domain alias, and
     POST /_dev/token | /_dev/rotate | /_dev/retire | /_dev/outage | /_dev/garbled | /_dev/reset
     GET  /_dev/stats
 
+``delete_tenant(tid)`` makes a tenant answer like a deleted one (400 ``invalid_tenant`` on every
+document); ``restore_tenant(tid)`` undoes it.
+
 Test hook (Python API only, off by default): ``hold_jwks()`` makes every JWKS request wait until
 ``release_jwks()``, so a test can hold a key refresh — and the checks awaiting it — in flight for
 exactly as long as it wants (``wait_jwks_held()`` tells it the request has arrived).
@@ -147,6 +150,7 @@ class DevIdP:
         self._msa_kid = msa.kid
         self._outage = False
         self._garbled: bytes | None = None
+        self._deleted: set[str] = set()
         self._counts: Counter[str] = Counter()
         # hold_jwks(): the gate JWKS requests wait on (None: answer at once), and how many wait.
         self._jwks_gate: threading.Event | None = None
@@ -346,6 +350,16 @@ class DevIdP:
         with self._lock:
             self._outage = on
 
+    def delete_tenant(self, tid: str) -> None:
+        """From now on ``tid`` is answered as Entra answers a deleted tenant: 400
+        ``invalid_tenant`` (AADSTS90002) for its discovery documents and JWKS."""
+        with self._lock:
+            self._deleted.add(tid.lower())
+
+    def restore_tenant(self, tid: str) -> None:
+        with self._lock:
+            self._deleted.discard(tid.lower())
+
     def set_garbled(self, on: bool, body: bytes | None = None) -> None:
         """While on, JWKS endpoints answer 200 with ``body`` (default: truncated, not JSON)."""
         with self._lock:
@@ -420,6 +434,9 @@ class DevIdP:
 
     def _resolve(self, segment: str) -> _Resolved | None:
         low = segment.lower()
+        with self._lock:
+            if low in self._deleted or self._domains.get(low) in self._deleted:
+                return None
         if low in _MULTI_TENANT:
             return _Resolved(low, TENANT_TEMPLATE)
         if low == "consumers":

@@ -12,7 +12,9 @@ cheap structure first, and no claim is trusted for the decision before the signa
     (crit jku x5u jwk x5c b64 nonce), kid syntax malformed_token
  4. issuer selection (unverified iss/tid/ver pick missing_claim, invalid_claim, keys_unavailable,
     which configured issuer's keys to use)        token_version_not_accepted, issuer_mismatch
- 5. key by kid in that issuer's snapshot         unknown_signing_key (the transport may refresh)
+ 5. the token's key set (its issuer's, or its    keys_unavailable (none loaded, or older than
+    tenant's), then the key by kid                the issuer's max age), unknown_signing_key
+                                                 (the transport may refresh)
  6. signature                                    bad_signature
  7. claims: exp/nbf/iat/aud present and typed,   missing_claim, invalid_claim, token_expired,
     lifetime, tenant allowlist, key issuer,      token_not_yet_valid, tenant_not_allowed,
@@ -98,10 +100,16 @@ class KeySnapshot:
     # ("discover and cache keys per tenant ... a key common across tenants today can become
     # distinct"). Empty for single-tenant issuers, whose ``keys`` are that tenant's.
     tenant_keys: Mapping[str, Mapping[str, SigningKey]] = field(default_factory=dict)
+    # When each tenant's set was last fetched successfully (tenants refresh and fail alone).
+    tenant_fetched_at: Mapping[str, float] = field(default_factory=dict)
 
     def keys_for(self, tid: str) -> Mapping[str, SigningKey]:
         """The keys that may sign a token of tenant ``tid``: its own set when one was fetched."""
         return self.tenant_keys.get(tid, self.keys)
+
+    def fetched_at_for(self, tid: str) -> float:
+        """When the key set ``keys_for(tid)`` was fetched."""
+        return self.tenant_fetched_at.get(tid, self.fetched_at)
 
 
 class KeySource(Protocol):
@@ -337,7 +345,10 @@ class TokenVerifier:
         if p.provider not in api.issuers or p.expires_at + self._skew < now:
             return None
         snap = self._keys.snapshot(p.provider)
-        key = None if snap is None else snap.keys_for(p.tid).get(hit.kid)
+        spec = self._issuers.get(p.provider)
+        if snap is None or spec is None or now - snap.fetched_at_for(p.tid) > spec.max_key_age_s:
+            return None  # the full path decides (keys_unavailable when they are too old)
+        key = snap.keys_for(p.tid).get(hit.kid)
         if key is None or key.fingerprint != hit.fingerprint:
             # Retired since, or the same kid now names another key: the full path decides.
             return None
@@ -380,10 +391,17 @@ class TokenVerifier:
             raise _deny(Code.INVALID_CLAIM, "'tid' is not a tenant id GUID")
         name, spec, snap = self._select_issuer(api, iss, tid, ver)
 
-        # --- 5, 6. key and signature
+        # --- 5, 6. key set, key and signature
+        own_set = snap.tenant_id is None and tid in spec.allowed_tenants
+        if own_set and tid not in snap.tenant_keys:
+            raise Unavailable(
+                Code.KEYS_UNAVAILABLE, "the token's tenant has no signing keys loaded"
+            )
+        if now - snap.fetched_at_for(tid) > spec.max_key_age_s:
+            raise Unavailable(Code.KEYS_UNAVAILABLE, "the last good signing keys are too old")
         key = snap.keys_for(tid).get(kid)
         if key is None:
-            raise UnknownSigningKey(name)
+            raise UnknownSigningKey(name, tenant=tid)
         signing_input = token[: len(h64) + 1 + len(p64)].encode("ascii")
         try:
             ok = self._algorithms[alg].verify(signing_input, key.jwk.key, signature)
@@ -414,7 +432,9 @@ class TokenVerifier:
             raise _deny(Code.TOKEN_VERSION_NOT_ACCEPTED)
         if not tenant_allowed(spec, snap, tid):
             raise _deny(Code.TENANT_NOT_ALLOWED)
-        if key.issuer is not None and not _key_issuer_ok(key.issuer, iss, tid, ver, snap, spec):
+        if key.issuer is None or not _key_issuer_ok(key.issuer, iss, tid, ver, snap, spec):
+            # A key no v2 JWKS vouches for (v1-only: the MSA key, an app's custom key) has no
+            # issuer we could check, so it signs for no one.
             raise _deny(Code.KEY_ISSUER_MISMATCH)
         return _principal(payload, name, iss, tid, ver, aud, exp), key
 
@@ -439,18 +459,21 @@ class TokenVerifier:
     def _select_issuer(
         self, api: ApiSpec, iss: str, tid: str, ver: str
     ) -> tuple[str, IssuerSpec, KeySnapshot]:
-        loaded = unloaded = version_ok = False
+        """The configured issuer whose keys verify this token. ``keys_unavailable`` only when an
+        issuer that may be the token's own has no keys yet: a token no issuer of the API could
+        have issued is rejected, and one that a loaded issuer matches is verified, whatever the
+        state of the others."""
+        version_ok = pending = False
         foreign: tuple[str, IssuerSpec, KeySnapshot] | None = None
         for name in api.issuers:
             spec = self._issuers.get(name)
-            if spec is None:
+            if spec is None or ver not in spec.versions:
                 continue
-            version_ok = version_ok or ver in spec.versions
+            version_ok = True
             snap = self._keys.snapshot(name)
             if snap is None:
-                unloaded = True
+                pending = pending or _may_issue(spec, iss, tid, ver)
                 continue
-            loaded = True
             template = snap.issuers.get(ver)
             if template is None:
                 continue
@@ -463,16 +486,26 @@ class TokenVerifier:
                     foreign = foreign or (name, spec, snap)
             elif template == iss and tid == snap.tenant_id:
                 return name, spec, snap
+        if pending:
+            # It may be the token of the issuer we could not load yet: we cannot decide.
+            raise Unavailable(Code.KEYS_UNAVAILABLE)
         if foreign is not None:
             return foreign  # decided later, after the signature: tenant_not_allowed
-        if not loaded:
-            raise Unavailable(Code.KEYS_UNAVAILABLE)
         if not version_ok:
             raise _deny(Code.TOKEN_VERSION_NOT_ACCEPTED)
-        if unloaded:
-            # It may be the issuer we could not load yet: we cannot tell, so we cannot decide.
-            raise Unavailable(Code.KEYS_UNAVAILABLE)
         raise _deny(Code.ISSUER_MISMATCH)
+
+
+def _may_issue(spec: IssuerSpec, iss: str, tid: str, ver: str) -> bool:
+    """Could the (never loaded) issuer ``spec`` have issued a token with these unverified claims?
+    Only what holds for every Entra issuer is used: the v2 form ends in ``/v2.0`` and the v1
+    form does not, ``iss`` names ``tid`` as a path segment, and the tenant is the configured one
+    (a GUID) or an allowed one. A domain-named tenant's id is known only from its documents."""
+    if iss.endswith("/v2.0") != (ver == "2.0") or f"/{tid}/" not in f"{iss}/":
+        return False
+    if spec.allowed_tenants:
+        return tid in spec.allowed_tenants
+    return tid == spec.tenant if GUID_RE.fullmatch(spec.tenant) else True
 
 
 def tenant_allowed(spec: IssuerSpec, snap: KeySnapshot, tid: str) -> bool:

@@ -7,16 +7,21 @@ returns an immutable ``KeySnapshot``; fetching happens beside it:
 * ``start()``: the initial fetch of every issuer, concurrently (failures are logged, not raised;
   ``ready`` says whether every issuer has keys);
 * ``start_background()``: one task per issuer refreshing every ``refresh_interval_s`` ± jitter
-  (sooner, with backoff, while the issuer has failed);
-* ``refresh_unknown_kid(issuer)``: the transport's synchronous refresh on an unknown ``kid``;
-  single-flight and at most once per ``unknown_kid_min_interval_s`` per issuer, so a flood of
-  random kids costs at most one fetch per interval;
+  (sooner, with backoff from ``RETRY_BASE_S`` while the issuer has failed: ``retry_delay``);
+* ``refresh_unknown_kid(issuer, tenant)``: the transport's refresh on an unknown ``kid``;
+  single-flight and at most once per ``unknown_kid_min_interval_s`` per key set (the issuer, or
+  one allowed tenant of a multi-tenant issuer), so a flood of random kids costs at most one fetch
+  per interval, and a flood claiming one tenant spends no other tenant's budget. The caller
+  waits at most ``unknown_kid_wait_s`` for it (well under Envoy's timeout); a slower refresh
+  finishes in the background and the next check sees its keys;
 * ``adopt(previous)`` / ``close()``: on a config reload the new store takes over the unchanged
   issuers' snapshots, their refreshes in flight and every issuer's unknown-kid rate limit; the
   old store stops its periodic refreshes at once but lets a refresh in flight finish (a check on
   the old state may be awaiting it).
 
-A fetch reads, for each accepted token version, the discovery document
+A fetch reads, for each accepted token version and always for v2 (the v2 JWKS is where keys
+carry their ``issuer``, which the signing-key issuer rule needs for v1 tokens too), the discovery
+document
 (``{instance}/{tenant}/v2.0/.well-known/openid-configuration`` or, for v1,
 ``{instance}/{tenant}/.well-known/openid-configuration``, plus ``?{metadata_query}``) and its
 ``jwks_uri``, parses everything (``parse_discovery``, ``parse_jwks``: pure, unit-tested), builds
@@ -29,7 +34,9 @@ whose ``issuer`` is the ``{tenantid}`` template (issuer selection and the tenant
 also, per Microsoft's key-rollover guidance ("discover and cache keys per tenant ... even for
 multi-tenant apps"), every allowed tenant's own documents and JWKS: a token is verified only with
 its tenant's key set (``KeySnapshot.keys_for``). A tenant document must name exactly the issuer
-the template gives for that tenant; one allowed tenant failing fails the refresh whole.
+the template gives for that tenant. Tenants fail alone: a tenant whose documents cannot be
+fetched (a deleted tenant: 400 ``invalid_tenant``) keeps its last good key set, or has none, while
+the issuer and every other tenant refresh normally.
 
 Logs to the ``authz.keys`` logger: URLs, issuer names, key counts; never key material or tokens.
 """
@@ -69,6 +76,7 @@ __all__ = [
     "merge_keys",
     "parse_discovery",
     "parse_jwks",
+    "retry_delay",
 ]
 
 log = logging.getLogger("authz.keys")
@@ -76,12 +84,15 @@ log = logging.getLogger("authz.keys")
 MAX_DOCUMENT_BYTES = 512 * 1024  # Entra's documents are a few KB; never buffer an unbounded body
 MIN_RSA_BITS = 2048
 RETRY_BASE_S = 5.0  # first retry after a failed refresh; doubles up to refresh_interval_s
+KEY_ISSUER_VERSION = "2.0"  # always fetched: only v2 JWKS entries carry the key's 'issuer'
 _GUID_SEGMENT = re.compile(
     r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?=/|$)"
 )
 _TEMPLATE = "{tenantid}"
 _T = TypeVar("_T")
 _OK = ("ok", "unchanged")
+_WHOLE = ""  # the scope of a refresh of the whole issuer (vs. one tenant's key set)
+_Scope = tuple[str, str]  # (issuer, tenant id or _WHOLE)
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -306,17 +317,32 @@ async def _all(aws: Iterable[Awaitable[_T]]) -> list[_T]:
     return cast(list[_T], results)
 
 
-async def _join(task: asyncio.Task[str]) -> str:
-    """Await a refresh task shared with other callers. Cancelling the caller leaves the task
-    running (and propagates); the task cancelled under the caller (its store closed without
-    draining) reads as "error": no new keys, never a ``CancelledError`` for the caller."""
+async def _join(task: asyncio.Task[str], timeout: float | None = None) -> str:
+    """Await a refresh task shared with other callers, for at most ``timeout`` seconds (None:
+    until it ends). Past the bound the caller gets "pending" and the task runs on (shielded: its
+    keys land for the next check). Cancelling the caller leaves the task running (and
+    propagates); the task cancelled under the caller (its store closed without draining) reads as
+    "error": no new keys, never a ``CancelledError`` for the caller."""
     try:
-        return await asyncio.shield(task)
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    except TimeoutError:
+        return "pending"
     except asyncio.CancelledError:
         current = asyncio.current_task()
         if task.cancelled() and (current is None or not current.cancelling()):
             return "error"
         raise
+
+
+def retry_delay(spec: IssuerSpec, failures: int, loaded: bool) -> tuple[float, float]:
+    """``(delay, jitter)`` before the next periodic refresh of an issuer. Loaded and healthy:
+    ``refresh_interval_s`` ± ``refresh_jitter_s``. After the n-th consecutive failure (or before
+    the first success): ``RETRY_BASE_S * 2**(n-1)`` (5, 10, 20 ... s) up to the interval, with a
+    jitter of at most half the delay."""
+    if loaded and not failures:
+        return spec.refresh_interval_s, spec.refresh_jitter_s
+    delay = min(spec.refresh_interval_s, RETRY_BASE_S * 2 ** min(max(failures - 1, 0), 12))
+    return delay, min(spec.refresh_jitter_s, delay / 2)
 
 
 # ---------------------------------------------------------------------------------- key store
@@ -332,19 +358,25 @@ class KeyStore:
         client: httpx.AsyncClient,
         *,
         observer: RefreshObserver | None = None,
+        unknown_kid_wait_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rand: Callable[[float, float], float] = random.uniform,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._specs = {s.name: s for s in issuers}
         self._client = client
         self._observer = observer
+        self._unknown_kid_wait_s = unknown_kid_wait_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._rand = rand
+        self._sleep = sleep
         self._snapshots: dict[str, KeySnapshot] = {}
-        self._inflight: dict[str, asyncio.Task[str]] = {}
-        self._last_forced: dict[str, float] = {}
+        # Single-flight refreshes and the unknown-kid budget, per scope: (issuer, _WHOLE) for the
+        # whole issuer, (issuer, tid) for one allowed tenant of a multi-tenant issuer.
+        self._inflight: dict[_Scope, asyncio.Task[str]] = {}
+        self._last_forced: dict[_Scope, float] = {}
         self._failures: dict[str, int] = {}
         self._background: list[asyncio.Task[None]] = []
         self._closed = False
@@ -356,12 +388,32 @@ class KeyStore:
 
     @property
     def ready(self) -> bool:
-        """Every configured issuer has been loaded at least once."""
-        return all(name in self._snapshots for name in self._specs)
+        """Every configured issuer has been loaded at least once (a multi-tenant issuer: its
+        tenant-independent documents and at least one allowed tenant's key set)."""
+        for name, spec in self._specs.items():
+            snap = self._snapshots.get(name)
+            if snap is None:
+                return False
+            if snap.tenant_id is None and spec.allowed_tenants and not snap.tenant_keys:
+                return False
+        return True
 
     @property
     def issuers(self) -> tuple[str, ...]:
         return tuple(self._specs)
+
+    def keys_expire_at(self, issuer: str) -> float | None:
+        """Wall-clock time at which the oldest key set a token of ``issuer`` may be verified
+        with passes ``max_key_age_s`` (checks then answer 503): 0.0 when an allowed tenant of a
+        multi-tenant issuer has no key set; None when the issuer is not loaded."""
+        spec, snap = self._specs.get(issuer), self._snapshots.get(issuer)
+        if spec is None or snap is None:
+            return None
+        if snap.tenant_id is None and spec.allowed_tenants:
+            if not spec.allowed_tenants <= snap.tenant_keys.keys():
+                return 0.0
+            return min(snap.tenant_fetched_at.values()) + spec.max_key_age_s
+        return snap.fetched_at + spec.max_key_age_s
 
     # ----------------------------------------------------------------------------- lifecycle
 
@@ -369,20 +421,28 @@ class KeyStore:
         """Take over from the store this one replaces (config reload). Idempotent: called once
         before ``start`` and again at the swap, to catch up with what ``previous`` did meanwhile.
 
-        For every issuer whose configuration did not change: the newer snapshot, and a refresh
-        in flight in ``previous`` (joined, not repeated: its keys land here too). For every issuer
-        of the same name: the unknown-kid rate limit, so a reload grants no extra forced fetch.
+        For every issuer whose configuration did not change: the newer snapshot, and the
+        refreshes in flight in ``previous`` (joined, not repeated: their keys land here too). For
+        every issuer of the same name: the unknown-kid rate limits, so a reload grants no extra
+        forced fetch.
         """
+        for scope, last in previous._last_forced.items():
+            if scope[0] in self._specs:
+                self._last_forced[scope] = max(last, self._last_forced.get(scope, last))
         for name, spec in self._specs.items():
-            last = previous._last_forced.get(name)
-            if last is not None:
-                self._last_forced[name] = max(last, self._last_forced.get(name, last))
             if previous._specs.get(name) != spec:
                 continue
             self._take_newer(name, previous._snapshots.get(name))
-            task = previous._inflight.get(name)
-            if task is not None and name not in self._inflight and not self._closed:
-                self._track(name, self._follow(previous, name, task))
+            for scope, task in list(previous._inflight.items()):
+                if scope[0] == name and scope not in self._inflight and not self._closed:
+                    self._track(scope, self._follow(previous, name, task))
+
+    async def wait_refreshes(self) -> None:
+        """Until the refreshes in flight now have ended (a check stops waiting for one after
+        ``unknown_kid_wait_s``; this lets a caller see it through)."""
+        inflight = list(self._inflight.values())
+        if inflight:
+            await asyncio.wait(inflight)
 
     async def start(self) -> None:
         """Fetch every issuer not loaded yet, concurrently. Never raises; see ``ready``."""
@@ -427,46 +487,65 @@ class KeyStore:
     async def refresh(self, issuer: str) -> str:
         """Fetch one issuer now (single-flight: joins a fetch in progress). Returns the result:
         "ok", "unchanged", "error" or "garbled"."""
-        task = self._inflight.get(issuer)
+        task = self._inflight.get((issuer, _WHOLE))
         if task is None:
             if self._closed:
                 return "error"
-            task = self._track(issuer, self._refresh_now(issuer))
+            task = self._track((issuer, _WHOLE), self._refresh_now(issuer))
         return await _join(task)
 
-    async def refresh_unknown_kid(self, issuer: str) -> bool:
-        """The transport met an unknown ``kid`` for ``issuer``: refresh, at most once per
-        ``unknown_kid_min_interval_s`` (a fetch already in progress is joined for free).
-        True when new keys were installed (worth checking the token again)."""
-        if not self.refresh_due(issuer):
+    async def refresh_unknown_kid(self, issuer: str, tenant: str = "") -> bool:
+        """The transport met an unknown ``kid`` in a token of ``issuer`` (tenant ``tenant``):
+        refresh that key set, at most once per ``unknown_kid_min_interval_s`` (a fetch already in
+        progress is joined for free), and wait for it at most ``unknown_kid_wait_s``. True when
+        new keys were installed in time (worth checking the token again)."""
+        scope = self._scope(issuer, tenant)
+        if scope is None or not self.refresh_due(issuer, tenant):
             return False
-        if issuer not in self._inflight:
-            self._last_forced[issuer] = self._clock()
-        return await self.refresh(issuer) == "ok"
+        task = self._inflight.get((issuer, _WHOLE)) or self._inflight.get(scope)
+        if task is None:
+            self._last_forced[scope] = self._clock()
+            coro = self._refresh_now(issuer) if scope[1] == _WHOLE else self._refresh_tenant(*scope)
+            task = self._track(scope, coro)
+        return await _join(task, self._unknown_kid_wait_s) == "ok"
 
-    def refresh_due(self, issuer: str) -> bool:
+    def refresh_due(self, issuer: str, tenant: str = "") -> bool:
         """Would ``refresh_unknown_kid`` fetch (or join a fetch in progress) right now? False
         lets a transport answer ``unknown_signing_key`` at once, without awaiting anything."""
-        spec = self._specs.get(issuer)
-        if spec is None:
+        scope = self._scope(issuer, tenant)
+        if scope is None:
             return False
-        if issuer in self._inflight:
+        if (issuer, _WHOLE) in self._inflight or scope in self._inflight:
             return True
         if self._closed:
             return False
-        last = self._last_forced.get(issuer)
-        return last is None or self._clock() - last >= spec.unknown_kid_min_interval_s
+        last = self._last_forced.get(scope)
+        interval = self._specs[issuer].unknown_kid_min_interval_s
+        return last is None or self._clock() - last >= interval
 
-    def _track(self, issuer: str, coro: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
-        """Run ``coro`` as the single-flight refresh of ``issuer``."""
-        task = asyncio.create_task(coro, name=f"authz.keys.refresh:{issuer}")
-        self._inflight[issuer] = task
-        task.add_done_callback(lambda t: self._forget(issuer, t))
+    def _scope(self, issuer: str, tenant: str) -> _Scope | None:
+        """The key set a token of ``issuer`` and ``tenant`` is verified with, as a refresh
+        scope: one allowed tenant of a loaded multi-tenant issuer, else the whole issuer. None
+        when no refresh could help (unknown issuer; a tenant the issuer does not accept)."""
+        spec = self._specs.get(issuer)
+        if spec is None:
+            return None
+        snap = self._snapshots.get(issuer)
+        if snap is None or snap.tenant_id is not None or not spec.allowed_tenants:
+            return (issuer, _WHOLE)
+        return (issuer, tenant) if tenant in spec.allowed_tenants else None
+
+    def _track(self, scope: _Scope, coro: Coroutine[Any, Any, str]) -> asyncio.Task[str]:
+        """Run ``coro`` as the single-flight refresh of ``scope``."""
+        label = ":".join(part for part in scope if part)
+        task = asyncio.create_task(coro, name=f"authz.keys.refresh:{label}")
+        self._inflight[scope] = task
+        task.add_done_callback(lambda t: self._forget(scope, t))
         return task
 
-    def _forget(self, issuer: str, task: asyncio.Task[str]) -> None:
-        if self._inflight.get(issuer) is task:
-            del self._inflight[issuer]
+    def _forget(self, scope: _Scope, task: asyncio.Task[str]) -> None:
+        if self._inflight.get(scope) is task:
+            del self._inflight[scope]
 
     async def _follow(self, previous: KeyStore, name: str, task: asyncio.Task[str]) -> str:
         """Await ``previous``'s refresh of ``name`` (in flight when this store adopted it) and
@@ -478,15 +557,23 @@ class KeyStore:
     def _take_newer(self, name: str, snap: KeySnapshot | None) -> None:
         """Install ``snap`` (from the store this one replaces) unless ours is newer."""
         mine = self._snapshots.get(name)
-        if snap is not None and (mine is None or snap.fetched_at >= mine.fetched_at):
+        if snap is not None and (mine is None or _newest(snap) >= _newest(mine)):
             self._snapshots[name] = snap
+
+    def _observe(self, name: str, result: str, count: int) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_refresh(name, result, count)
+            except Exception:
+                log.exception("key refresh observer failed")
 
     async def _refresh_now(self, name: str) -> str:
         spec = self._specs[name]
         old = self._snapshots.get(name)
+        failed: dict[str, KeyFetchError] = {}
         try:
             async with asyncio.timeout(spec.fetch_timeout_s * 4):
-                new = await self._fetch(spec)
+                new, failed = await self._fetch(spec)
         except KeyFetchError as e:
             result, count = e.result, 0 if old is None else len(old.keys)
             log.error(
@@ -502,35 +589,106 @@ class KeyStore:
             result, count = "error", 0 if old is None else len(old.keys)
             log.exception("signing keys for issuer %r not refreshed: unexpected error", name)
         else:
-            result = "unchanged" if old is not None and _same(old, new) else "ok"
+            new = _keep_failed_tenants(new, self._snapshots.get(name), failed)
             count = len(new.keys)
+            result = "unchanged" if old is not None and _same(old, new) else "ok"
             self._snapshots[name] = new  # the atomic swap
             if result == "ok":
                 log.info("signing keys for issuer %r loaded: %d key(s)", name, count)
-        self._failures[name] = 0 if result in _OK else self._failures.get(name, 0) + 1
-        if self._observer is not None:
-            try:
-                self._observer.on_refresh(name, result, count)
-            except Exception:
-                log.exception("key refresh observer failed")
+            for tid, err in sorted(failed.items()):
+                log.error(
+                    "signing keys for tenant %s of issuer %r not refreshed (%s); %s",
+                    tid,
+                    name,
+                    err,
+                    "keeping its last good keys" if tid in new.tenant_keys else "no keys yet",
+                )
+                self._observe(name, err.result, count)  # counted; the issuer itself refreshed
+        # A failed tenant retries with the issuer's backoff too (the next whole refresh).
+        ok = result in _OK and not failed
+        self._failures[name] = 0 if ok else self._failures.get(name, 0) + 1
+        self._observe(name, result, count)
         return result
 
-    async def _fetch(self, spec: IssuerSpec) -> KeySnapshot:
+    async def _refresh_tenant(self, name: str, tid: str) -> str:
+        """Refresh one allowed tenant's key set of a loaded multi-tenant issuer (the unknown-kid
+        path: its own budget, its own failure; the other tenants' keys are not touched)."""
+        spec, template = self._specs[name], self._snapshots[name]
+        old = template.tenant_keys.get(tid)
+        try:
+            keys = await self._tenant_keys(spec, template, tid)
+        except KeyFetchError as e:
+            result = e.result
+            log.error("signing keys for tenant %s of issuer %r not refreshed (%s)", tid, name, e)
+        except Exception:
+            result = "error"
+            log.exception("signing keys for tenant %s of issuer %r: unexpected error", tid, name)
+        else:
+            result = "unchanged" if old is not None and _key_ids(old) == _key_ids(keys) else "ok"
+            current = self._snapshots[name]  # a whole refresh may have landed meanwhile
+            self._snapshots[name] = dataclasses.replace(
+                current,
+                tenant_keys=MappingProxyType({**current.tenant_keys, tid: keys}),
+                tenant_fetched_at=MappingProxyType(
+                    {**current.tenant_fetched_at, tid: self._wall_clock()}
+                ),
+            )
+        self._observe(name, result, len(template.keys))
+        return result
+
+    async def _fetch(self, spec: IssuerSpec) -> tuple[KeySnapshot, dict[str, KeyFetchError]]:
+        """A new snapshot, and the allowed tenants whose own key set could not be fetched (a
+        multi-tenant issuer: each tenant fails alone, never the issuer)."""
         snap = build_snapshot(spec, await self._documents(spec), self._wall_clock())
         if snap.tenant_id is not None or not spec.allowed_tenants:
-            return snap
-        # A multi-tenant issuer: every allowed tenant's own key set too, all or nothing (no
-        # snapshot with a tenant's keys missing).
+            return snap, {}
         tenants = sorted(spec.allowed_tenants)
-        sets = await _all(self._tenant_keys(spec, snap, tid) for tid in tenants)
-        return dataclasses.replace(
-            snap, tenant_keys=MappingProxyType(dict(zip(tenants, sets, strict=True)))
+        outcomes = await asyncio.gather(*(self._tenant_outcome(spec, snap, tid) for tid in tenants))
+        sets = {t: o for t, o in zip(tenants, outcomes, strict=True) if isinstance(o, Mapping)}
+        failed = {t: o for t, o in zip(tenants, outcomes, strict=True) if isinstance(o, Exception)}
+        stamps = dict.fromkeys(sets, snap.fetched_at)
+        return (
+            dataclasses.replace(
+                snap,
+                tenant_keys=MappingProxyType(sets),
+                tenant_fetched_at=MappingProxyType(stamps),
+            ),
+            failed,
         )
+
+    async def _tenant_outcome(
+        self, spec: IssuerSpec, template: KeySnapshot, tid: str
+    ) -> Mapping[str, SigningKey] | KeyFetchError | None:
+        """One tenant's part of a whole refresh: its key set, its failure, or None when a refresh
+        of that tenant alone was in flight (joined: what it installed stays)."""
+        joined = self._inflight.get((spec.name, tid))
+        if joined is not None:
+            await _join(joined)
+            return None
+        try:
+            return await self._tenant_keys(spec, template, tid)
+        except KeyFetchError as e:
+            return e
+        except Exception as e:
+            log.exception(
+                "signing keys for tenant %s of issuer %r: unexpected error", tid, spec.name
+            )
+            return FetchFailed(f"unexpected error ({type(e).__name__})")
 
     async def _documents(self, spec: IssuerSpec) -> dict[str, tuple[str, Mapping[str, SigningKey]]]:
         """``{version: (issuer, keys)}`` from the discovery documents of ``spec.tenant`` and the
-        JWKS they point at (each distinct ``jwks_uri`` fetched once)."""
-        versions = sorted(spec.versions)
+        JWKS they point at (each distinct ``jwks_uri`` fetched once), for the accepted versions
+        and v2 (key issuers). Bounded by two fetch timeouts (discovery, then JWKS)."""
+        try:
+            async with asyncio.timeout(spec.fetch_timeout_s * 2):
+                return await self._read_documents(spec)
+        except TimeoutError:
+            raise FetchFailed(f"{spec.instance}/{spec.tenant}: timed out") from None
+
+    async def _read_documents(
+        self, spec: IssuerSpec
+    ) -> dict[str, tuple[str, Mapping[str, SigningKey]]]:
+        versions = sorted(spec.versions | {KEY_ISSUER_VERSION})
         docs = await _all(self._get(discovery_url(spec, v), spec) for v in versions)
         found = [
             parse_discovery(doc, v, instance=spec.instance)
@@ -583,11 +741,30 @@ class KeyStore:
     async def _refresh_loop(self, name: str) -> None:
         spec = self._specs[name]
         while True:
-            failures = self._failures.get(name, 0)
-            if name not in self._snapshots or failures:
-                delay = min(spec.refresh_interval_s, RETRY_BASE_S * 2 ** min(failures, 12))
-                jitter = min(spec.refresh_jitter_s, delay / 2)
-            else:
-                delay, jitter = spec.refresh_interval_s, spec.refresh_jitter_s
-            await asyncio.sleep(max(0.1, delay + self._rand(-jitter, jitter)))
+            loaded = name in self._snapshots
+            delay, jitter = retry_delay(spec, self._failures.get(name, 0), loaded)
+            await self._sleep(max(0.1, delay + self._rand(-jitter, jitter)))
             await self.refresh(name)
+
+
+def _newest(snap: KeySnapshot) -> float:
+    return max([snap.fetched_at, *snap.tenant_fetched_at.values()])
+
+
+def _keep_failed_tenants(
+    new: KeySnapshot, current: KeySnapshot | None, failed: Mapping[str, KeyFetchError]
+) -> KeySnapshot:
+    """``new`` with the last good key set (and its fetch time) of every tenant that failed in
+    this refresh or was refreshed alone meanwhile, from ``current``, the snapshot installed now."""
+    if current is None or new.tenant_id is not None:
+        return new
+    keep = [t for t in current.tenant_keys if t in failed or t not in new.tenant_keys]
+    if not keep:
+        return new
+    sets, stamps = dict(new.tenant_keys), dict(new.tenant_fetched_at)
+    for tid in keep:
+        sets[tid] = current.tenant_keys[tid]
+        stamps[tid] = current.tenant_fetched_at.get(tid, current.fetched_at)
+    return dataclasses.replace(
+        new, tenant_keys=MappingProxyType(sets), tenant_fetched_at=MappingProxyType(stamps)
+    )

@@ -107,7 +107,8 @@ MEANING: dict[Code, str] = {
     Code.CLIENT_NOT_ALLOWED: "the calling client app (azp/appid) is not allowed on the route",
     Code.TENANT_NOT_PERMITTED: "the token's tenant is not allowed on this route",
     Code.RATE_LIMITED: "the caller exceeded its rate limit",
-    Code.KEYS_UNAVAILABLE: "the issuer's signing keys have never been loaded",
+    Code.KEYS_UNAVAILABLE: "no usable signing keys for the token's issuer or tenant (never "
+    "loaded, or the last good ones are past their maximum age)",
     Code.INTERNAL_ERROR: "an unexpected error in the authorization service (fail closed)",
 }
 
@@ -133,11 +134,14 @@ class Unauthenticated(Denial):
 
 class UnknownSigningKey(Unauthenticated):
     """No key with the token's kid in the issuer's snapshot. ``issuer`` names the configured
-    issuer whose keys the transport may refresh (single-flight, rate-limited) before re-checking."""
+    issuer whose keys the transport may refresh (single-flight, rate-limited) before re-checking;
+    ``tenant`` the token's (unverified) tenant, whose own key set that is for a multi-tenant
+    issuer."""
 
-    def __init__(self, issuer: str, reason: str | None = None) -> None:
+    def __init__(self, issuer: str, reason: str | None = None, *, tenant: str = "") -> None:
         super().__init__(Code.UNKNOWN_SIGNING_KEY, reason)
         self.issuer = issuer
+        self.tenant = tenant
 
 
 class ClaimsChallenge(Unauthenticated):

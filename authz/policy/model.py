@@ -158,7 +158,9 @@ class IssuerSpec:
     refresh_jitter_s: float = 300.0
     unknown_kid_min_interval_s: float = 300.0
     fetch_timeout_s: float = 5.0
-    metadata_query: str = ""  # e.g. "appid=<client id>" for apps with custom signing keys
+    metadata_query: str = ""
+    # Last-known-good keys older than this are not used (checks answer 503 keys_unavailable).
+    max_key_age_s: float = 86400.0  # e.g. "appid=<client id>" for apps with custom signing keys
 
     @property
     def multi_tenant(self) -> bool:
@@ -174,6 +176,9 @@ class TokenSettings:
     max_token_bytes: int = 16384
     cache_max_entries: int = 10000
     cache_max_ttl_s: float = 300.0
+    # How long a check awaits an unknown-kid key refresh before answering unknown_signing_key
+    # (the refresh goes on in the background); well under Envoy's ext_authz timeout.
+    unknown_kid_wait_s: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,3 +257,4 @@ class Decision:
     # Internal: the issuer whose key cache missed the token's kid; the transport may refresh it
     # (single-flight, rate-limited) and check once more. Never rendered.
     refresh_issuer: str = ""
+    refresh_tenant: str = ""  # and the token's tenant (a multi-tenant issuer's per-tenant keys)

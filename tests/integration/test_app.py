@@ -36,7 +36,7 @@ def idp() -> Iterator[DevIdP]:
         yield idp
 
 
-def write_config(path: Path, idp: DevIdP, *, interval: float = 0, extra: str = "") -> Path:
+def write_config(path: Path, idp: DevIdP, *, interval: float = 300, extra: str = "") -> Path:
     text = stack_config(idp.base_url, unknown_kid_interval=interval)
     path.write_text(text + extra)
     return path
@@ -295,3 +295,27 @@ async def test_a_new_signing_key_is_fetched_once_and_allows_the_same_check(
         assert idp.request_count() == served
         assert (await running.check("/orders/7", token)).status.code == 0
         assert idp.request_count() == served
+
+
+async def test_key_expiry_gauge_follows_the_key_store(tmp_path: Path, idp: DevIdP) -> None:
+    """authz_jwks_keys_expiry_timestamp_seconds (AuthzJwksKeysExpired): when each issuer's oldest
+    key set in use passes max_key_age_seconds; 0 while an allowed tenant has no keys."""
+    idp.delete_tenant(FABRIKAM)  # the partners issuer's only allowed tenant
+    try:
+        async with serve(write_config(tmp_path / "authz.yaml", idp)) as running:
+            running.app.service.housekeeping()
+            keys = running.app.service._state.keys
+            snap = keys.snapshot("contoso")
+            assert snap is not None
+            expiry = running.metric(
+                "authz_jwks_keys_expiry_timestamp_seconds", {"issuer": "contoso"}
+            )
+            assert expiry == snap.fetched_at + 86400
+            assert (
+                running.metric("authz_jwks_keys_expiry_timestamp_seconds", {"issuer": "partners"})
+                == 0.0
+            )
+            assert keys.keys_expire_at("partners") == 0.0
+            assert not running.app.service.ready  # partners can verify no tenant's tokens
+    finally:
+        idp.restore_tenant(FABRIKAM)

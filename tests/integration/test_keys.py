@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP
+from authz.devidp import CONTOSO, FABRIKAM, MSA_TENANT, DevIdP
 from authz.identity.entra import TokenVerifier
 from authz.identity.keys import KeyStore
 from authz.policy.errors import Code, Unauthenticated, Unavailable, UnknownSigningKey
@@ -256,19 +256,153 @@ async def test_background_refresh_and_close(idp: DevIdP, client: httpx.AsyncClie
     await store.close()
 
 
-async def test_multi_tenant_refresh_is_all_or_nothing_across_allowed_tenants(
+async def test_a_failing_tenant_fails_alone(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    """Keys and failures per tenant: an allowed tenant Entra answers 400 invalid_tenant for (a
+    deleted tenant) neither keeps the issuer, the other tenants nor readiness down; it has no
+    keys (503 for its tokens) or keeps its last good ones."""
+    s = spec(
+        idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO, FABRIKAM})
+    )
+    idp.delete_tenant(FABRIKAM)
+    store, observer = await store_for(client, s)
+    assert store.ready
+    snap = store.snapshot("orgs")
+    assert snap is not None
+    assert set(snap.tenant_keys) == {CONTOSO}
+    assert ("orgs", "ok", len(idp.kids)) in observer.events
+    assert ("orgs", "error", len(idp.kids)) in observer.events  # the tenant's failure, counted
+    assert store.keys_expire_at("orgs") == 0.0  # an allowed tenant has no keys: the alert
+    v = verifier(store, s)
+    assert v.verify(idp.mint(tid=CONTOSO), api("orgs")).tid == CONTOSO
+    with pytest.raises(Unavailable) as info:
+        v.verify(idp.mint(tid=FABRIKAM), api("orgs"))
+    assert info.value.code == Code.KEYS_UNAVAILABLE
+
+    idp.restore_tenant(FABRIKAM)
+    assert await store.refresh("orgs") == "ok"
+    assert v.verify(idp.mint(tid=FABRIKAM), api("orgs")).tid == FABRIKAM
+    fabrikam_keys = store.snapshot("orgs").tenant_keys[FABRIKAM]  # type: ignore[union-attr]
+
+    idp.delete_tenant(FABRIKAM)  # deleted later: its last good keys stay, the others refresh
+    new_kid = idp.rotate()
+    assert await store.refresh("orgs") == "ok"
+    snap = store.snapshot("orgs")
+    assert snap is not None
+    assert snap.tenant_keys[FABRIKAM] is fabrikam_keys
+    assert new_kid in snap.tenant_keys[CONTOSO]
+    assert v.verify(idp.mint(tid=CONTOSO), api("orgs")).tid == CONTOSO
+    assert v.verify(idp.mint(tid=FABRIKAM, kid=next(iter(fabrikam_keys))), api("orgs"))
+    await store.close()
+
+
+async def test_the_unknown_kid_budget_is_per_tenant(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    """A flood of random kids claiming tenant B spends B's forced refresh only: tenant R's key
+    rotation is still picked up at once, and only the tenant's own documents are fetched."""
+    s = spec(
+        idp,
+        name="orgs",
+        tenant="organizations",
+        versions=frozenset({"2.0"}),
+        allowed_tenants=frozenset({CONTOSO, FABRIKAM}),
+    )
+    store, _ = await store_for(client, s)
+    v = verifier(store, s)
+    idp.reset_counts()
+    with pytest.raises(UnknownSigningKey) as info:
+        v.verify(idp.mint(tid=FABRIKAM, header_extra={"kid": "random-1"}), api("orgs"))
+    assert (info.value.issuer, info.value.tenant) == ("orgs", FABRIKAM)
+    assert await store.refresh_unknown_kid("orgs", FABRIKAM) is False
+    assert idp.request_count(f"/{FABRIKAM}/") == 2  # its discovery document and its JWKS
+    assert idp.request_count() == 2  # nothing else: not the template, not the other tenant
+    assert not store.refresh_due("orgs", FABRIKAM)  # B's budget is spent
+    assert not store.refresh_due("orgs", "44444444-4444-4444-8444-444444444444")  # not allowed
+
+    new_kid = idp.rotate()
+    token = idp.mint(tid=CONTOSO)
+    with pytest.raises(UnknownSigningKey):
+        v.verify(token, api("orgs"))
+    assert store.refresh_due("orgs", CONTOSO)  # R's budget is its own
+    assert await store.refresh_unknown_kid("orgs", CONTOSO) is True
+    assert v.verify(token, api("orgs")).tid == CONTOSO
+    snap = store.snapshot("orgs")
+    assert snap is not None
+    assert new_kid in snap.tenant_keys[CONTOSO]
+    assert new_kid not in snap.tenant_keys[FABRIKAM]  # B's set was not touched
+    await store.close()
+
+
+async def test_an_unknown_kid_wait_is_bounded_and_the_refresh_lands_later(
     idp: DevIdP, client: httpx.AsyncClient
 ) -> None:
-    """An allowed tenant whose documents cannot be fetched fails the issuer's refresh whole: no
-    snapshot with some tenants' keys missing (the last good one stays, here: none yet)."""
-    unknown = "44444444-4444-4444-8444-444444444444"  # the dev IdP does not serve this tenant
-    s = spec(
-        idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO, unknown})
-    )
-    store, observer = await store_for(client, s)
-    assert store.snapshot("orgs") is None
+    """The issuer hangs: the caller stops waiting after ``unknown_kid_wait_s`` (no new keys yet),
+    the refresh goes on, and once the issuer answers the keys are there, fetched once."""
+    s = spec(idp, fetch_timeout_s=2.0)
+    store = KeyStore((s,), client, clock=Clock(), unknown_kid_wait_s=0.05)
+    await store.start()
+    new_kid = idp.rotate()
+    idp.reset_counts()
+    idp.hold_jwks()
+    assert await store.refresh_unknown_kid("contoso") is False
+    assert idp.jwks_held >= 1  # answered while the JWKS request is still unanswered
+    assert store.refresh_due("contoso")  # the refresh is in flight: later checks join it
+    idp.release_jwks()
+    await store.wait_refreshes()
+    snap = store.snapshot("contoso")
+    assert snap is not None
+    assert new_kid in snap.keys
+    assert idp.request_count("keys") == 2  # one refresh: the v1 and v2 JWKS, once each
+    verifier(store, s).verify(idp.mint(), api("contoso"))
+    await store.close()
+
+
+async def test_v1_only_issuer_learns_key_issuers_from_the_v2_jwks(
+    idp: DevIdP, client: httpx.AsyncClient
+) -> None:
+    """``versions: ["1.0"]``: the v2 documents are fetched too, so keys carry their issuer and
+    the MSA key (or any foreign issuer's key in the v1 JWKS) cannot sign the tenant's tokens."""
+    s = spec(idp, versions=frozenset({"1.0"}))
+    idp.reset_counts()
+    store, _ = await store_for(client, s)
+    assert idp.request_count(f"/{CONTOSO}/discovery/v2.0/keys") == 1
+    snap = store.snapshot("contoso")
+    assert snap is not None
+    assert snap.keys[idp.msa_kid].issuer == idp.issuer(MSA_TENANT)
+    v = verifier(store, s)
+    assert v.verify(idp.mint(version="1.0"), api("contoso")).version == "1.0"
+    with pytest.raises(Unauthenticated) as info:
+        v.verify(idp.mint(version="1.0", kid=idp.msa_kid), api("contoso"))
+    assert info.value.code == Code.KEY_ISSUER_MISMATCH
+    with pytest.raises(Unauthenticated) as info:  # v2 documents are for key issuers only
+        v.verify(idp.mint(version="2.0"), api("contoso"))
+    assert info.value.code == Code.TOKEN_VERSION_NOT_ACCEPTED
+    await store.close()
+
+
+async def test_recovery_after_an_outage_at_start_follows_the_backoff(
+    idp: DevIdP, client: httpx.AsyncClient
+) -> None:
+    """The issuer is down at start: the background loop retries after 5 s (the documented first
+    retry), then 10 s, and the issuer is ready at the first retry after the outage ends."""
+    delays: list[float] = []
+    slept = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:  # the schedule, without the waiting
+        delays.append(seconds)
+        if len(delays) == 2:
+            idp.set_outage(False)
+        if len(delays) >= 3:
+            slept.set()
+            await asyncio.Event().wait()  # park the loop: the test has what it needs
+
+    s = spec(idp)
+    idp.set_outage(True)
+    store = KeyStore((s,), client, clock=Clock(), rand=lambda a, b: 0.0, sleep=sleep)
+    await store.start()
     assert not store.ready
-    assert observer.events[-1][:2] == ("orgs", "error")
+    store.start_background()
+    await asyncio.wait_for(slept.wait(), 10)
+    assert delays == [5.0, 10.0, 3600.0]  # failed, failed, then loaded: the interval
+    assert store.ready
     await store.close()
 
 

@@ -8,6 +8,7 @@ service, without HTTP.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -204,7 +205,12 @@ def snapshot_for(
             jwks = jwks_bytes(public_jwk(rsa_key, KID), public_jwk(msa_key, MSA_KID))
             docs[v] = (v1_issuer(tid), parse_jwks(jwks, v))
     spec = IssuerSpec(name=name, instance=INSTANCE, tenant=tenant or "common")
-    return build_snapshot(spec, docs, float(NOW))
+    snap = build_snapshot(spec, docs, float(NOW))
+    if tenant is None:  # KeyStore also fetches each allowed tenant's own key set
+        snap = dataclasses.replace(
+            snap, tenant_keys={TENANT: snap.keys}, tenant_fetched_at={TENANT: float(NOW)}
+        )
+    return snap
 
 
 ISSUERS = {

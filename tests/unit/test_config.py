@@ -401,3 +401,36 @@ def test_strip_method_override_is_on_by_default_and_can_be_turned_off() -> None:
         "issuers: [contoso]\n", "issuers: [contoso]\n    strip_method_override: false\n", 1
     )
     assert config_mod.parse(text, env={}).apis[0].strip_method_override is False
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        (
+            ("name: contoso,", "name: contoso, unknown_kid_min_interval_seconds: 0,"),
+            "issuers[0].unknown_kid_min_interval_seconds",
+        ),
+        (
+            ("name: contoso,", "name: contoso, max_key_age_seconds: 3600,"),
+            "issuers[0].max_key_age_seconds: must exceed refresh_interval_seconds",
+        ),
+        (
+            ("issuers:\n", "tokens: {unknown_kid_wait_seconds: 0.25}\nissuers:\n"),
+            "tokens.unknown_kid_wait_seconds",
+        ),
+    ],
+    ids=["no-unknown-kid-floor", "keys-expire-between-refreshes", "wait-reaches-envoy-timeout"],
+)
+def test_key_lifecycle_limits(mutation: tuple[str, str], expected: str) -> None:
+    text = MINIMAL.replace(*mutation, 1)
+    assert text != MINIMAL
+    with pytest.raises(config_mod.ConfigError) as err:
+        config_mod.parse(text, env={})
+    assert any(expected in p for p in err.value.problems), err.value.problems
+
+
+def test_key_lifecycle_defaults() -> None:
+    s = config_mod.parse(MINIMAL, env={})
+    assert s.tokens.unknown_kid_wait_s == 0.1
+    assert s.issuer("contoso").max_key_age_s == 86400  # Microsoft's AadIssuerValidator: 24 h
+    assert s.issuer("contoso").unknown_kid_min_interval_s == 300

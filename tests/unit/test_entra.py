@@ -418,3 +418,168 @@ def test_hasgroups_denies_group_rules_as_overage(
     with pytest.raises(Forbidden) as info:
         authorize(need, p)
     assert info.value.code is Code.GROUPS_OVERAGE
+
+
+# ------------------------------------------------ keys_unavailable: only for the token's own issuer
+
+UNLOADED = {
+    # single-tenant by GUID, never loaded: it can issue only for OTHER_TENANT
+    "fabrikam": ("22222222-2222-4222-8222-222222222222", frozenset()),
+    # multi-tenant, never loaded: only its allowed tenant
+    "partners": ("organizations", frozenset({"22222222-2222-4222-8222-222222222222"})),
+    # single-tenant by domain, never loaded: its tenant id is unknown until its documents load
+    "by-domain": ("fabrikam.example.com", frozenset()),
+}
+
+
+@pytest.mark.parametrize(
+    ("unloaded", "claims", "code"),
+    [
+        ("fabrikam", {}, Code.OK),  # the token's own issuer is loaded: verified
+        ("partners", {}, Code.OK),
+        ("fabrikam", {"tid": "77777777-7777-4777-8777-777777777777"}, Code.ISSUER_MISMATCH),
+        ("partners", {"tid": "77777777-7777-4777-8777-777777777777"}, Code.ISSUER_MISMATCH),
+        ("fabrikam", {"tid": "22222222-2222-4222-8222-222222222222"}, Code.KEYS_UNAVAILABLE),
+        ("partners", {"tid": "22222222-2222-4222-8222-222222222222"}, Code.KEYS_UNAVAILABLE),
+        ("by-domain", {"tid": "77777777-7777-4777-8777-777777777777"}, Code.KEYS_UNAVAILABLE),
+        # iss does not name tid: no Entra issuer issued it
+        (
+            "fabrikam",
+            {
+                "tid": "22222222-2222-4222-8222-222222222222",
+                "iss": "https://login.example.test/77777777-7777-4777-8777-777777777777/v2.0",
+            },
+            Code.ISSUER_MISMATCH,
+        ),
+        ("fabrikam", {"version": "1.0"}, Code.TOKEN_VERSION_NOT_ACCEPTED),
+    ],
+    ids=[
+        "own-loaded-single",
+        "own-loaded-multi",
+        "foreign-tenant-single",
+        "foreign-tenant-multi",
+        "its-tenant-single",
+        "its-tenant-multi",
+        "domain-tenant",
+        "iss-names-another-tenant",
+        "version-nobody-accepts",
+    ],
+)
+def test_keys_unavailable_only_when_the_tokens_own_issuer_has_no_keys(
+    minter: Any,
+    env: SimpleNamespace,
+    memory_keys: Any,
+    clock: list[float],
+    unloaded: str,
+    claims: dict[str, Any],
+    code: Code,
+) -> None:
+    """An API trusting a loaded v2 issuer and one that never loaded: a token that the unloaded
+    issuer could not have issued is decided (verified or rejected), never 503."""
+    from authz.policy.model import IssuerSpec
+
+    tenant, allowed = UNLOADED[unloaded]
+    issuers = {
+        **env.ISSUERS,
+        unloaded: IssuerSpec(
+            name=unloaded, instance=env.INSTANCE, tenant=tenant, allowed_tenants=allowed
+        ),
+    }
+    v = TokenVerifier(TokenSettings(), issuers, memory_keys, clock=lambda: clock[0])
+    api = env.make_api("contoso-v2", unloaded)
+    if "tid" in claims and "iss" not in claims:
+        claims = {**claims, "iss": env.v2_issuer(claims["tid"])}
+    iss = claims.get("iss")
+    token = minter.token(
+        **{k: val for k, val in claims.items() if k != "iss"}, **({"iss": iss} if iss else {})
+    )
+    if code is Code.OK:
+        assert v.verify(token, api).provider == "contoso-v2"
+        return
+    with pytest.raises(Denial) as info:
+        v.verify(token, api)
+    assert info.value.code is code
+
+
+def test_a_multi_tenant_tenant_without_keys_is_unavailable_alone(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float], rsa_key: Any
+) -> None:
+    """Keys per tenant: an allowed tenant whose own key set never loaded answers 503; another
+    allowed tenant of the same issuer verifies; a tenant that is not allowed is still 401."""
+    from authz.policy.model import IssuerSpec
+
+    multi = IssuerSpec(
+        name="multi",
+        instance=env.INSTANCE,
+        tenant="organizations",
+        allowed_tenants=frozenset({env.TENANT, env.OTHER_TENANT}),
+    )
+    v = TokenVerifier(
+        TokenSettings(), {**env.ISSUERS, "multi": multi}, memory_keys, clock=lambda: clock[0]
+    )
+    api = env.make_api("multi")
+    assert v.verify(minter.token(), api).tid == env.TENANT
+    with pytest.raises(Unavailable) as info:
+        v.verify(minter.token(tid=env.OTHER_TENANT), api)
+    assert info.value.code is Code.KEYS_UNAVAILABLE
+    with pytest.raises(Denial) as denied:
+        v.verify(minter.token(tid="77777777-7777-4777-8777-777777777777"), api)
+    assert denied.value.code is Code.TENANT_NOT_ALLOWED
+
+
+# ------------------------------------------------------------- v1-only issuers and key issuers
+
+
+def test_a_key_no_v2_jwks_vouches_for_signs_for_no_one(
+    minter: Any, env: SimpleNamespace, clock: list[float], rsa_key: Any, msa_key: Any
+) -> None:
+    """A key only a v1 JWKS lists carries no issuer: it cannot pass the signing-key issuer rule,
+    so it is refused for v1 tokens too (before: v1 keys skipped the rule)."""
+    from authz.identity.keys import build_snapshot, parse_jwks
+
+    v1_only = parse_jwks(
+        env.jwks_bytes(env.public_jwk(rsa_key, env.KID), env.public_jwk(msa_key, env.MSA_KID)),
+        "1.0",
+    )
+    spec = env.ISSUERS["contoso"]
+    snap = build_snapshot(spec, {"1.0": (env.v1_issuer(env.TENANT), v1_only)}, float(env.NOW))
+    v = make(env, env.MemoryKeys({"contoso": snap}), clock)
+    with pytest.raises(Unauthenticated) as info:
+        v.verify(minter.token(version="1.0"), env.make_api("contoso"))
+    assert info.value.code is Code.KEY_ISSUER_MISMATCH
+
+
+def test_v1_tokens_get_the_key_issuer_rule_from_the_v2_jwks(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float]
+) -> None:
+    v = make(env, memory_keys, clock)
+    assert v.verify(minter.token(version="1.0"), env.make_api("contoso")).version == "1.0"
+    with pytest.raises(Unauthenticated) as info:  # the MSA key signing for contoso's tenant
+        v.verify(minter.token(version="1.0", kid=env.MSA_KID), env.make_api("contoso"))
+    assert info.value.code is Code.KEY_ISSUER_MISMATCH
+
+
+# ---------------------------------------------------------------- last-known-good maximum age
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["fresh", "cached"])
+def test_keys_past_their_maximum_age_are_not_used(
+    minter: Any, env: SimpleNamespace, memory_keys: Any, clock: list[float], cached: bool
+) -> None:
+    """Shorter than the cache's TTL here, so a cached identity must be refused too."""
+    issuers = {
+        **env.ISSUERS,
+        "contoso": dataclasses.replace(env.ISSUERS["contoso"], max_key_age_s=100),
+    }
+    cache = ClaimsCache(100, 300.0, clock=lambda: clock[0]) if cached else None
+    v = TokenVerifier(TokenSettings(), issuers, memory_keys, clock=lambda: clock[0], cache=cache)
+    api = env.make_api("contoso")
+    token = minter.token()
+    v.verify(token, api)  # fetched at NOW: fresh (and now cached, if a cache is on)
+    clock[0] = env.NOW + 100  # exactly the maximum age: still used
+    v.verify(token, api)
+    clock[0] = env.NOW + 101
+    with pytest.raises(Unavailable) as info:
+        v.verify(token, api)
+    assert (info.value.status, info.value.code) == (503, Code.KEYS_UNAVAILABLE)
+    assert "too old" in info.value.reason

@@ -18,6 +18,7 @@ from authz.identity.keys import (
     merge_keys,
     parse_discovery,
     parse_jwks,
+    retry_delay,
 )
 from authz.policy.model import IssuerSpec
 
@@ -230,3 +231,23 @@ def test_snapshot_garbled(
     spec = IssuerSpec(name="c", instance=INSTANCE, tenant=tenant)
     with pytest.raises(KeyFetchError):
         build_snapshot(spec, {v: (i, keys) for v, i in issuers.items()}, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("failures", "loaded", "delay", "jitter"),
+    [
+        (1, True, 5.0, 2.5),  # the first retry: 5 s after the failure (was 10 s)
+        (2, True, 10.0, 5.0),
+        (3, True, 20.0, 10.0),
+        (9, True, 1280.0, 300.0),
+        (11, True, 3600.0, 300.0),  # capped at the refresh interval
+        (60, True, 3600.0, 300.0),
+        (0, False, 5.0, 2.5),  # never loaded and not tried yet
+        (1, False, 5.0, 2.5),  # the outage at start: recovery on the documented schedule
+        (0, True, 3600.0, 300.0),  # healthy: the interval +- its jitter
+    ],
+    ids=["1st", "2nd", "3rd", "9th", "cap", "many", "unloaded", "start-outage", "healthy"],
+)
+def test_retry_schedule(failures: int, loaded: bool, delay: float, jitter: float) -> None:
+    spec = IssuerSpec(name="c", instance=INSTANCE, tenant=TID)
+    assert retry_delay(spec, failures, loaded) == (delay, jitter)

@@ -186,6 +186,7 @@ def exposition(envoy_exposition: dict[str, set[str]]) -> dict[str, set[str]]:
     metrics.record_check(d, 0.001)
     metrics.on_refresh("contoso", "ok", 2)
     metrics.on_refresh("contoso", "error", 2)
+    metrics.jwks_keys_expiry.labels("contoso").set(1)
     metrics.sync_cache(1, 1, 1)
     metrics.reloads.labels("ok").inc()
     metrics.internal_errors.labels("grpc").inc()
