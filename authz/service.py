@@ -29,6 +29,7 @@ from authz.config import Settings
 from authz.engine import Engine, new_decision_id
 from authz.identity.cache import ClaimsCache
 from authz.identity.entra import TokenVerifier
+from authz.identity.fetch import key_fetch_client
 from authz.identity.keys import KeyStore
 from authz.observability import AuditLog, Metrics
 from authz.policy.decisions import internal_error
@@ -58,9 +59,7 @@ class Service:
         self.metrics = metrics
         self.audit = audit
         self.config_path = config_path
-        self._client = http_client or httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0), follow_redirects=False, trust_env=False
-        )
+        self._client = http_client or key_fetch_client(settings.tokens.ca_bundle)
         self._owns_client = http_client is None
         self._state = self._build(settings, previous=None)
         self._reload_lock = asyncio.Lock()
