@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import reprlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,9 @@ class _Tokens(_Model):
         if v is None:
             return v
         try:
-            with open(v, "rb") as f:
+            with open(v, "rb") as f, warnings.catch_warnings():
+                # real bundles (certifi's) hold old roots that cryptography warns about
+                warnings.simplefilter("ignore")
                 certs = x509.load_pem_x509_certificates(f.read())
         except OSError as e:
             raise ValueError(f"cannot read the CA bundle {v!r}: {e.strerror or e}") from None

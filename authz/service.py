@@ -216,6 +216,9 @@ class Service:
             self.metrics.config_last_success.set(time.time())
             for w in settings.warnings:
                 log.warning("config: %s", w)
+            if settings.tokens.ca_bundle != old.settings.tokens.ca_bundle:
+                # the key-fetch client (proxies, CA bundle) is built once, at start
+                log.warning("config: tokens.ca_bundle changed; it takes effect at the next restart")
             log.info("configuration reloaded from %s", self.config_path)
         self._retire(old.keys)
         return True
