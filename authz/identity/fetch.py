@@ -81,10 +81,11 @@ def _clean(text: str) -> str:
 def _describe(chain: list[BaseException]) -> str:
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
-            return f"TLS error: certificate verify failed: {e.verify_message or e.reason}"
+            why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or e
+            return f"TLS error: certificate verify failed: {why}"
     for e in chain:
         if isinstance(e, ssl.SSLError):
-            return f"TLS error: {e.reason or e.strerror or type(e).__name__}"
+            return f"TLS error: {getattr(e, 'reason', None) or e.strerror or type(e).__name__}"
     for e in chain:
         if isinstance(e, httpx.ProxyError):
             return f"proxy refused the connection: {e}"

@@ -326,3 +326,30 @@ def test_ca_bundle_config_key(pki: Pki, tmp_path: Path) -> None:
         assert any(p.startswith("tokens.ca_bundle: ") and why in p for p in err.value.problems), (
             err.value.problems
         )
+
+
+def _chained(outer: BaseException, inner: BaseException) -> BaseException:
+    outer.__cause__ = inner
+    return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (httpx.ConnectTimeout("t"), "connect timeout"),
+        (httpx.ReadTimeout("t"), "read timeout"),
+        (httpx.PoolTimeout("t"), "timeout (PoolTimeout)"),
+        (
+            _chained(httpx.ConnectError("x"), ssl.SSLError(1, "[SSL] wrong version number")),
+            "TLS error: [SSL] wrong version number",
+        ),
+        (
+            _chained(httpx.ConnectError("x"), OSError("[Errno -2] Name or service not known")),
+            "DNS resolution failed: [Errno -2] Name or service not known",
+        ),
+        (httpx.RemoteProtocolError(""), "RemoteProtocolError"),
+    ],
+    ids=["connect-timeout", "read-timeout", "pool-timeout", "tls", "dns-text", "bare"],
+)
+def test_describe_names_each_cause(exc: BaseException, expected: str) -> None:
+    assert describe_fetch_error(exc) == expected
