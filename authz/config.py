@@ -23,12 +23,14 @@ from __future__ import annotations
 import os
 import re
 import reprlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from authz.policy.headers import METHOD_OVERRIDE_HEADERS
@@ -198,6 +200,25 @@ class _Tokens(_Model):
     cache: _Cache = Field(default_factory=_Cache)
     # At most 0.15 s: well under Envoy's ext_authz timeout (200 ms default, 250 ms in envoy/).
     unknown_kid_wait_seconds: float = Field(default=0.1, ge=0, le=0.15)
+    ca_bundle: StrictStr | None = None
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            with open(v, "rb") as f, warnings.catch_warnings():
+                # real bundles (certifi's) hold old roots that cryptography warns about
+                warnings.simplefilter("ignore")
+                certs = x509.load_pem_x509_certificates(f.read())
+        except OSError as e:
+            raise ValueError(f"cannot read the CA bundle {v!r}: {e.strerror or e}") from None
+        except ValueError:
+            raise ValueError(f"{v!r} is not a PEM bundle of CA certificates") from None
+        if not certs:
+            raise ValueError(f"{v!r} holds no certificate")
+        return v
 
     @field_validator("algorithms")
     @classmethod
@@ -717,6 +738,7 @@ def from_mapping(
             cache_max_entries=root.tokens.cache.max_entries,
             cache_max_ttl_s=root.tokens.cache.max_ttl_seconds,
             unknown_kid_wait_s=root.tokens.unknown_kid_wait_seconds,
+            ca_bundle=root.tokens.ca_bundle,
         ),
         issuers=issuers,
         apis=apis,

@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import httpx
-
 from authz.config import Settings
 from authz.engine import Engine
 from authz.identity.bearer import extract_bearer
 from authz.identity.entra import KeySnapshot, KeySource, TokenVerifier, tenant_allowed
+from authz.identity.fetch import key_fetch_client
 from authz.identity.keys import KeyFetchError, KeyStore, parse_jwks
 from authz.policy.errors import Denial
 from authz.policy.model import (
@@ -76,7 +75,7 @@ def static_keys(settings: Settings, jwks_path: str) -> StaticKeys:
 
 
 async def live_keys(settings: Settings) -> KeyStore:
-    client = httpx.AsyncClient(timeout=10, trust_env=False)
+    client = key_fetch_client(settings.tokens.ca_bundle)
     store = KeyStore(settings.issuers, client)
     try:
         await store.start()

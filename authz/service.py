@@ -29,6 +29,7 @@ from authz.config import Settings
 from authz.engine import Engine, new_decision_id
 from authz.identity.cache import ClaimsCache
 from authz.identity.entra import TokenVerifier
+from authz.identity.fetch import key_fetch_client
 from authz.identity.keys import KeyStore
 from authz.observability import AuditLog, Metrics
 from authz.policy.decisions import internal_error
@@ -58,9 +59,7 @@ class Service:
         self.metrics = metrics
         self.audit = audit
         self.config_path = config_path
-        self._client = http_client or httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0), follow_redirects=False, trust_env=False
-        )
+        self._client = http_client or key_fetch_client(settings.tokens.ca_bundle)
         self._owns_client = http_client is None
         self._state = self._build(settings, previous=None)
         self._reload_lock = asyncio.Lock()
@@ -217,6 +216,9 @@ class Service:
             self.metrics.config_last_success.set(time.time())
             for w in settings.warnings:
                 log.warning("config: %s", w)
+            if settings.tokens.ca_bundle != old.settings.tokens.ca_bundle:
+                # the key-fetch client (proxies, CA bundle) is built once, at start
+                log.warning("config: tokens.ca_bundle changed; it takes effect at the next restart")
             log.info("configuration reloaded from %s", self.config_path)
         self._retire(old.keys)
         return True

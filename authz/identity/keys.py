@@ -60,6 +60,7 @@ import httpx
 import jwt
 
 from authz.identity.entra import GUID_RE, KID_RE, KeySnapshot, SigningKey
+from authz.identity.fetch import describe_fetch_error
 from authz.policy.model import IssuerSpec
 
 __all__ = [
@@ -733,10 +734,8 @@ class KeyStore:
                     if len(body) > MAX_DOCUMENT_BYTES:
                         raise FetchFailed(f"GET {url}: body over {MAX_DOCUMENT_BYTES} bytes")
                 return bytes(body)
-        except httpx.HTTPError as e:
-            raise FetchFailed(f"GET {url}: {type(e).__name__}") from None
-        except OSError as e:
-            raise FetchFailed(f"GET {url}: {type(e).__name__}") from None
+        except (httpx.HTTPError, OSError) as e:
+            raise FetchFailed(f"GET {url}: {describe_fetch_error(e)}") from None
 
     async def _refresh_loop(self, name: str) -> None:
         spec = self._specs[name]

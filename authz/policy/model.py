@@ -179,6 +179,8 @@ class TokenSettings:
     # How long a check awaits an unknown-kid key refresh before answering unknown_signing_key
     # (the refresh goes on in the background); well under Envoy's ext_authz timeout.
     unknown_kid_wait_s: float = 0.1
+    # PEM CA bundle for discovery/JWKS over TLS (None: SSL_CERT_FILE, else certifi's bundle).
+    ca_bundle: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

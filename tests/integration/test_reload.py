@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import certifi
 import grpc
 import prometheus_client as prom
 import pytest
@@ -314,6 +316,25 @@ async def test_a_reload_whose_new_keys_cannot_be_fetched_keeps_the_old_config(
         assert await h.check(token) == 0  # the previous configuration keeps serving
         assert h.app.service.settings.issuer("contoso")
         assert [s.name for s in h.app.service.settings.issuers] == ["contoso"]
+    finally:
+        await h.channel.close()
+        await h.app.stop()
+
+
+async def test_a_changed_ca_bundle_is_announced_as_needing_a_restart(
+    tmp_path: Path, idp: DevIdP, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "authz.yaml"
+    path.write_text(render(idp))
+    bundle = certifi.where()  # any PEM CA bundle
+    h = await start(path, watch=3600)
+    try:
+        text = render(idp).replace("tokens:\n", f'tokens:\n  ca_bundle: "{bundle}"\n', 1)
+        assert text != render(idp)
+        path.write_text(text)
+        with caplog.at_level(logging.WARNING, logger="authz"):
+            assert await h.app.service.reload()
+        assert "tokens.ca_bundle changed; it takes effect at the next restart" in caplog.text
     finally:
         await h.channel.close()
         await h.app.stop()
