@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz.server import servicer as servicer_mod
-from authz.server.http import HttpCheckServer
+from authz.server.http import HttpCheckServer, HttpLimits
 from authz.service import Service
 
 log = logging.getLogger("authz.app")
@@ -172,7 +172,10 @@ class App:
 
     def _http_server(self) -> HttpCheckServer:
         return HttpCheckServer(
-            self.service.check, on_error=self._on_error, check_now=self.service.check_now
+            self.service.check,
+            on_error=self._on_error,
+            check_now=self.service.check_now,
+            limits=HttpLimits.for_token(self.service.settings.tokens.max_token_bytes),
         )
 
     def _on_error(self, exc: BaseException) -> None:

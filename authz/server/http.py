@@ -29,6 +29,7 @@ Must not import grpc, prometheus or anything from ``authz._proto``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import uuid
@@ -41,7 +42,8 @@ from typing import cast
 
 import httptools
 
-from authz.policy.decisions import internal_error
+from authz.policy.decisions import deny, internal_error
+from authz.policy.errors import BadRequest, Code
 from authz.policy.model import Decision, RequestAttrs
 
 __all__ = [
@@ -69,11 +71,20 @@ class HttpLimits:
     max_url_bytes: int = 8192  # over -> 414, then close
     max_header_bytes: int = 65536  # names + values, total per request; over -> 431, then close
     max_headers: int = 100  # over -> 431, then close
-    max_body_bytes: int = 1 << 20  # Envoy sends none; over -> 413, then close
+    max_body_bytes: int = 0  # Envoy sends none: a declared body or transfer-encoding -> 413
+    max_message_bytes: int = 81920  # every byte of one message (and CRLFs before it); over -> 431
+    max_connections: int = 4096  # concurrently open; over -> the new connection is closed at once
     max_pipelined: int = 16  # unanswered requests per connection before we stop reading
     max_queued: int = 1024  # unanswered requests per connection before we give up on it (503)
     idle_timeout_s: float = 60.0  # no request in progress and nothing received for this long
     header_timeout_s: float = 10.0  # a request's head must arrive within this
+
+    @classmethod
+    def for_token(cls, max_token_bytes: int) -> HttpLimits:
+        """Limits that leave room for a token of ``max_token_bytes`` (and a bit over it), so an
+        oversize token gets the engine's 401 ``token_too_large`` as over gRPC, not a 431."""
+        header = max(65536, 2 * max_token_bytes + 16384)
+        return cls(max_header_bytes=header, max_message_bytes=header + 8192 + 8192)
 
 
 def _status_line(status: int) -> bytes:
@@ -266,12 +277,12 @@ class _HttpCheckProtocol(asyncio.Protocol):
         # Per-request parse state, reset in on_message_begin.
         self._in_head = False
         self._head_started = 0.0
-        self._head_rx = 0
         self._url = b""
         self._headers: dict[str, str] = {}
         self._hcount = 0
         self._hbytes = 0
         self._body_bytes = 0
+        self._msg_rx = 0  # every byte received since the last complete message
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -279,7 +290,13 @@ class _HttpCheckProtocol(asyncio.Protocol):
         # uvloop's TCPTransport is not an asyncio.Transport subclass: cast, don't assert.
         self._transport = cast(asyncio.Transport, transport)
         self.last_rx = self._loop.time()
-        self._server.connections.add(self)
+        server = self._server
+        if len(server.connections) >= self._limits.max_connections:
+            server.rejected_connections += 1
+            self._closing = True
+            transport.close()
+            return
+        server.connections.add(self)
         if self._server.draining:
             self._closing = True
             transport.close()
@@ -308,14 +325,13 @@ class _HttpCheckProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self.last_rx = self._loop.time()
-        if self._in_head:
-            # httptools buffers a header value until it ends: bound what one head may feed it.
-            self._head_rx += len(data)
-            limits = self._limits
-            if self._head_rx > limits.max_header_bytes + limits.max_url_bytes + 8192:
-                self._reject(431)
-                return
+        # Every byte counts against one per-message limit (request line, headers, anything after
+        # them, and CRLFs between messages); only a complete message resets it and the idle clock.
+        self._msg_rx += len(data)
+        if self._msg_rx > self._limits.max_message_bytes:
+            self._server.oversize_messages += 1
+            self._reject(431)
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -349,7 +365,6 @@ class _HttpCheckProtocol(asyncio.Protocol):
             raise _Stop  # requests pipelined after a "connection: close" one are not read
         self._in_head = True
         self._head_started = self._loop.time()
-        self._head_rx = 0
         self._url = b""
         self._headers = {}
         self._hcount = 0
@@ -377,7 +392,13 @@ class _HttpCheckProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         length = self._headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self._limits.max_body_bytes:
+        # Envoy's ext_authz client sends headers only: a body or any transfer-encoding (chunks,
+        # trailers) is not Envoy's and is never read.
+        if "transfer-encoding" in self._headers:
+            raise _Reject(413)
+        if length is not None and (
+            not length.isdigit() or int(length) > self._limits.max_body_bytes
+        ):
             raise _Reject(413)
 
     def on_body(self, body: bytes) -> None:
@@ -387,6 +408,8 @@ class _HttpCheckProtocol(asyncio.Protocol):
             raise _Reject(413)
 
     def on_message_complete(self) -> None:
+        self._msg_rx = 0
+        self.last_rx = self._loop.time()
         parser = self._parser
         keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         method = parser.get_method().decode("ascii")
@@ -497,7 +520,7 @@ class _HttpCheckProtocol(asyncio.Protocol):
         """Answer ``status`` after whatever is already queued, then close the connection."""
         self._closing = True
         self._in_head = False
-        self._push_ready(_REJECT_BYTES[status])
+        self._push_ready(self._server.reject_bytes(status, self._headers.get("x-request-id", "")))
         self._maybe_close()
 
     def _update_reading(self) -> None:
@@ -578,6 +601,8 @@ class HttpCheckServer:
         self.connections: set[_HttpCheckProtocol] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.rejected_connections = 0  # closed at once: over limits.max_connections
+        self.oversize_messages = 0  # connections closed: a message over limits.max_message_bytes
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -683,6 +708,24 @@ class HttpCheckServer:
             head=head,
             close=close or self.draining,
         )
+
+    def reject_bytes(self, status: int, request_id: str) -> bytes:
+        """An early transport rejection (400/413/414/431/503) in the same shape as an engine
+        deny: JSON body with code and request_id, decision metadata, the 400 challenge."""
+        decision_id = uuid.uuid4().hex
+        if status == 503:
+            return render_decision(internal_error(decision_id, request_id), close=True)
+        base = deny(
+            BadRequest(Code.INVALID_REQUEST),
+            decision_id=decision_id,
+            request_id=request_id[:200],
+            api=None,
+            route=None,
+        )
+        try:
+            return render_decision(dataclasses.replace(base, status=status), close=True)
+        except ValueError:  # a request id that cannot be echoed safely is dropped
+            return _REJECT_BYTES[status]
 
     def _schedule_sweep(self) -> None:
         limits = self.limits

@@ -110,7 +110,7 @@ def core() -> FakeCore:
 
 
 _PORTS: dict[int, int] = {}
-TEST_LIMITS = HttpLimits(max_header_bytes=4096, max_url_bytes=1024)
+TEST_LIMITS = HttpLimits(max_header_bytes=4096, max_url_bytes=1024, max_message_bytes=13312)
 
 
 @pytest.fixture
@@ -403,18 +403,133 @@ async def test_header_dribble_is_bounded(server: HttpCheckServer) -> None:
     await _close(writer)
 
 
-async def _chunks() -> AsyncIterator[bytes]:
-    yield b"a" * 10
-    yield b"b" * 10
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /tag/b HTTP/1.1\r\ncontent-length: 1\r\n\r\nx",
+        b"POST /tag/c HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+)
+async def test_body_or_transfer_encoding_is_denied(
+    server: HttpCheckServer, core: FakeCore, head: bytes
+) -> None:
+    reader, writer = await _open(server)
+    writer.write(head)
+    status, _headers, body = await _read_response(reader)
+    assert status == 413
+    doc = json.loads(body)
+    assert doc["code"] == "invalid_request"
+    assert "request_id" in doc
+    await _assert_eof(reader)
+    await _close(writer)
+    assert core.seen == []
 
 
-async def test_small_body_is_ignored(server: HttpCheckServer, core: FakeCore) -> None:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{_port(server)}") as client:
-        r = await client.post("/tag/b", content=b"x" * 1000)
-        assert r.status_code == 200
-        r = await client.post("/tag/c", content=_chunks())  # chunked
-        assert r.status_code == 200
-    assert core.seen[-1].path == "/tag/c"
+async def test_chunked_trailer_without_crlf_is_bounded(
+    server: HttpCheckServer, core: FakeCore
+) -> None:
+    # The attack: a chunked request whose trailer never ends (the old code buffered 200 MiB of
+    # it). It is denied at its head, nothing after it is read, and another client is answered.
+    reader, writer = await _open(server)
+    writer.write(b"POST /tag/a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: ")
+    status, _headers, body = await _read_response(reader)
+    assert status == 413
+    assert json.loads(body)["code"] == "invalid_request"
+    sent = 0
+    limit = TEST_LIMITS.max_message_bytes
+    with contextlib.suppress(ConnectionError):
+        while sent < 4 * limit and not reader.at_eof():
+            writer.write(b"a" * 1024)
+            sent += 1024
+            await writer.drain()
+            await asyncio.sleep(0)
+    other_r, other_w = await _open(server)
+    other_w.write(b"GET /tag/z HTTP/1.1\r\nhost: x\r\n\r\n")
+    status, _, _ = await _read_response(other_r)
+    assert status == 200
+    await _close(other_w)
+    with contextlib.suppress(ConnectionError):
+        await _assert_eof(reader)
+    assert server.connection_count == 0
+    assert [a.path for a in core.seen] == ["/tag/z"]
+    await _close(writer)
+
+
+async def test_every_byte_counts_and_bare_crlfs_do_not_keep_alive(
+    server: HttpCheckServer,
+) -> None:
+    reader, writer = await _open(server)
+    before = server.oversize_messages
+    limit = TEST_LIMITS.max_message_bytes
+    with contextlib.suppress(ConnectionError):
+        for _ in range(limit // 1024 + 2):
+            writer.write(b"\r\n" * 512)
+            await writer.drain()
+    with contextlib.suppress(ConnectionError):
+        data = await asyncio.wait_for(reader.read(), timeout=5)
+        assert data.startswith(b"HTTP/1.1 431 ")
+    assert server.oversize_messages == before + 1
+    await _close(writer)
+
+
+async def test_bare_crlfs_do_not_reset_idle_timeout(core: FakeCore) -> None:
+    srv = HttpCheckServer(core.check, limits=HttpLimits(idle_timeout_s=0.2, header_timeout_s=5))
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        closed = False
+        with contextlib.suppress(ConnectionError):
+            for _ in range(200):  # 200 x 20 ms = 4 s >> the 0.2 s idle timeout
+                writer.write(b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.02)
+                if reader.at_eof() or srv.connection_count == 0:
+                    closed = True
+                    break
+        assert closed or srv.connection_count == 0
+        writer.close()
+    finally:
+        await srv.close(grace_s=1.0)
+
+
+async def test_connection_cap(core: FakeCore) -> None:
+    srv = HttpCheckServer(core.check, limits=HttpLimits(max_connections=2))
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for r, w in conns:
+            w.write(b"GET /tag/a HTTP/1.1\r\n\r\n")
+            assert (await _read_response(r))[0] == 200
+        third_r, third_w = await asyncio.open_connection("127.0.0.1", port)
+        await _assert_eof(third_r)
+        assert srv.rejected_connections == 1
+        assert srv.connection_count == 2
+        for _, w in [*conns, (third_r, third_w)]:
+            w.close()
+    finally:
+        await srv.close(grace_s=1.0)
+
+
+async def test_early_rejection_has_deny_shape(server: HttpCheckServer) -> None:
+    reader, writer = await _open(server)
+    writer.write(
+        b"GET /tag/a HTTP/1.1\r\nx-request-id: rq-9\r\nx-big: " + b"a" * 5000 + b"\r\n\r\n"
+    )
+    status, headers, body = await _read_response(reader)
+    assert status == 431
+    doc = json.loads(body)
+    assert doc == {"error": "invalid_request", "code": "invalid_request", "request_id": "rq-9"}
+    h = dict(headers)
+    assert h["x-authz-decision-id"]
+    assert h["x-authz-code"] == "invalid_request"
+    assert h["www-authenticate"].startswith("Bearer realm=")
+    await _close(writer)
+
+
+def test_limits_leave_room_for_a_max_size_token() -> None:
+    limits = HttpLimits.for_token(262144)
+    assert limits.max_header_bytes > 262144 + len("Bearer ")
+    assert limits.max_message_bytes > limits.max_header_bytes
 
 
 async def test_check_raising_is_internal_error(core: FakeCore) -> None:

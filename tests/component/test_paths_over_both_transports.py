@@ -15,7 +15,7 @@ from authz.engine import Engine
 from authz.identity.entra import TokenVerifier
 from authz.policy.model import Decision, RequestAttrs
 from authz.server import convert
-from authz.server.http import HttpCheckServer
+from authz.server.http import HttpCheckServer, HttpLimits
 from tests.unit.conftest import MemoryKeys
 
 # The exact routes are anonymous, the prefix behind them needs a token: without a token, 200
@@ -98,3 +98,34 @@ async def test_http_conversion(http_port: int, path: str, status: int) -> None:
     headers = dict(ln.split(": ", 1) for ln in lines[1:] if ln)
     if status == 200:
         assert set(headers["x-envoy-auth-headers-to-remove"].split(",")) >= OVERRIDES
+
+
+async def test_oversize_token_same_deny_on_both_transports(engine: Engine) -> None:
+    token = "e" * (engine.settings.tokens.max_token_bytes + 4000)
+    req = convert.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.host = "GET", "/orders/1", "orders.example"
+    http.headers["authorization"] = f"Bearer {token}"
+    grpc_resp = convert.decision_to_response(engine.check(convert.request_to_attrs(req)))
+    assert grpc_resp.denied_response.status.code == 401
+
+    async def check(attrs: RequestAttrs) -> Decision:
+        return engine.check(attrs)
+
+    limits = HttpLimits.for_token(engine.settings.tokens.max_token_bytes)
+    srv = HttpCheckServer(check, limits=limits)
+    port = await srv.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /orders/1 HTTP/1.1\r\nhost: orders.example\r\n"
+            f"authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        raw = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+        writer.close()
+    finally:
+        await srv.close(grace_s=1.0)
+    lines = raw.decode("latin-1").split("\r\n")
+    headers = dict(ln.split(": ", 1) for ln in lines[1:] if ln)
+    assert int(lines[0].split(" ", 2)[1]) == 401
+    assert headers["x-authz-code"] == "token_too_large"
