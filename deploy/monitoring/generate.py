@@ -147,6 +147,25 @@ def dashboard(source: dict[str, Any]) -> dict[str, Any]:
             x, line = x + w, max(line, h)
         y += line
     settings = dict(source["settings"])
+    variables = list(settings["templating"]["list"])
+    for name, (label, query) in source.get("variables", {}).items():
+        variables.append(
+            {
+                "name": name,
+                "label": label,
+                "type": "query",
+                "datasource": DATASOURCE,
+                "query": {"query": query, "refId": f"{name}-var"},
+                "definition": query,
+                "refresh": 2,
+                "includeAll": True,
+                "multi": True,
+                "allValue": ".*",
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                "sort": 1,
+            }
+        )
+    settings["templating"] = {"list": variables}
     settings["description"] = settings["description"] + GENERATED_NOTE
     return {**settings, "panels": panels}
 
