@@ -277,6 +277,15 @@ async def test_a_new_signing_key_is_fetched_once_and_allows_the_same_check(
         loaded = running.metric("authz_jwks_refreshes_total", refreshed)  # the start
         idp.reset_counts()
         ok = await running.check("/orders/7", token)
+        # Allowed on that check when the refresh lands within tokens.unknown_kid_wait_seconds
+        # (the usual case on loopback); on a loaded machine it may take longer: then the check is
+        # 401 unknown_signing_key and the refresh lands in the background (bounded re-checks).
+        for _ in range(300):
+            if ok.status.code == 0:
+                break
+            assert ok.dynamic_metadata.fields["code"].string_value == "unknown_signing_key"
+            await asyncio.sleep(0.01)
+            ok = await running.check("/orders/7", token)
         assert ok.status.code == 0
         assert ok.dynamic_metadata.fields["code"].string_value == "ok"
         # one refresh of the token's issuer: each of its JWKS (v1, v2) served exactly once more
