@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: all venv demo test lint typecheck pytest protos check-protos bench clean system-deps
+.PHONY: all venv demo test lint typecheck pytest protos check-protos bench clean system-deps redis-server
 
 all: test
 
@@ -27,7 +27,15 @@ system-deps:
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q wrk >/dev/null; \
 	  else echo "wrk is missing: apt-get install wrk (only the benchmark needs it)"; fi; }
 
-demo: venv
+# redis-server (rate-limit tests, the demo) comes from Debian too; same pattern.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null; }; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q redis-server >/dev/null; \
+	  else echo "redis-server is missing: apt-get install redis-server"; exit 1; fi; }
+
+demo: venv redis-server
 	$(BIN)/authz demo $(ARGS)
 
 protos: venv
@@ -40,12 +48,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+pytest: venv redis-server
 	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-branch --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-bench: venv system-deps
+bench: venv system-deps redis-server
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

@@ -15,7 +15,7 @@ an OAuth-style error and ``code`` our stable denial code:
                                        (scope omitted when the denial names none)
     403     access_denied              unknown_api, no_matching_route: none (no token privilege
                                        would help, so no challenge is issued)
-    429     rate_limited               none
+    429     rate_limited               none (Retry-After, RateLimit-Policy, RateLimit instead)
     503     temporarily_unavailable    none
 
 ``R`` is the API's realm, else its name, else ``entra-authz``; ``U`` is the configured
@@ -37,7 +37,7 @@ import json
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from authz.policy.errors import MEANING, ClaimsChallenge, Code, Denial, Forbidden
+from authz.policy.errors import MEANING, ClaimsChallenge, Code, Denial, Forbidden, RateLimited
 from authz.policy.headers import HeaderPlan
 from authz.policy.model import ApiSpec, Decision, HeaderContract, Principal, Route
 
@@ -243,7 +243,11 @@ def deny(
     """A deny with the status the denial's phase fixed, its challenge, and the JSON body."""
     code = denial.code.value
     challenge = www_authenticate(denial, api, authorization_uri)
-    headers = (("www-authenticate", challenge), _JSON) if challenge is not None else (_JSON,)
+    headers: tuple[tuple[str, str], ...] = (
+        (("www-authenticate", challenge), _JSON) if challenge is not None else (_JSON,)
+    )
+    if isinstance(denial, RateLimited):
+        headers = (*denial.headers, _JSON)
     return Decision(
         allowed=False,
         status=denial.status,
