@@ -168,9 +168,9 @@ class Counters:
         if slot is None:  # pruned meanwhile: the window is over
             return
         slot[1] -= delta
-        # ``total`` holds our delta now. Never go down: a Redis that restarted empty reports less
-        # than we know, and the replicas' next pushes only add their new increments.
-        slot[0] = max(slot[0], total)
+        # ``total`` holds our delta now, so it is at least ``base + delta`` - unless Redis lost
+        # its data (restarted empty): then we keep what we know. Counts never go down.
+        slot[0] = max(slot[0] + delta, total)
 
     def restore(self, key: CounterKey, delta: int) -> None:
         """The push failed: the increments are pending again (pushed once Redis is back)."""

@@ -3,9 +3,10 @@
 
 The check path counts in ``authz.policy.ratelimit.Counters`` and never waits for Redis. Every
 ``redis.sync_interval_seconds`` (default 0.1 s) this task sends, in one pipelined round trip,
-``INCRBY <key> <local increments>`` + ``PEXPIRE`` for every counter that moved, and ``GET`` of the
-previous window of every counter new since the last sync; the totals Redis answers (everyone's
-counts) become the counters' ``base``. So each replica decides on the global count as of its last
+``INCRBY <key> <local increments>`` + ``PEXPIRE`` for every counter that moved, ``GET`` of every
+counter it pushed in the round before (so it also learns what others pushed after it), and
+``GET`` of the previous window of every counter new since the last sync; the totals Redis
+answers (everyone's counts) become the counters' ``base``. So each replica decides on the global count as of its last
 sync plus its own increments since. Overshoot bound: with N replicas (processes), at most the
 increments each of them admits between two of its syncs (one interval + one round trip) can be
 admitted beyond the limit, ``<= N x local increments per sync interval`` (docs/rate-limiting.md;
@@ -78,6 +79,7 @@ class RateLimitSync:
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._last_prune = 0.0
+        self._recent: list[CounterKey] = []  # pushed in the last round: read back in this one
         self.max_delta = 0  # the most increments one counter held between two syncs
 
     async def sync_once(self) -> str:
@@ -89,11 +91,15 @@ class RateLimitSync:
         if self.link is None:
             return "local"
         pending, new = self.counters.take_pending()
-        if not pending and not new:
+        pushed = {key for key, _ in pending}
+        refresh = [key for key in self._recent if key not in pushed]
+        reads = refresh + [_prev(key) for key in new]
+        if not pending and not reads:
+            self._recent = []
             return "idle"
         link = self.link
         keys = [redis_key(link, key) for key, _ in pending]
-        prev_keys = [redis_key(link, _prev(key)) for key in new]
+        read_keys = [redis_key(link, key) for key in reads]
         ttls = [int(key[0][3] * 2000 + 1000) for key, _ in pending]
 
         async def exchange(client: aioredis.Redis) -> list[Any]:
@@ -101,7 +107,7 @@ class RateLimitSync:
             for rkey, (_, delta), ttl in zip(keys, pending, ttls, strict=True):
                 pipe.incrby(rkey, delta)
                 pipe.pexpire(rkey, ttl)
-            for rkey in prev_keys:
+            for rkey in read_keys:
                 pipe.get(rkey)
             return list(await pipe.execute())
 
@@ -110,14 +116,16 @@ class RateLimitSync:
             for key, delta in pending:
                 self.counters.restore(key, delta)
             self.counters.renew(new)
+            self._recent = refresh  # read them back once Redis answers again
             return "down"
-        self._apply(pending, new, answers)
+        self._apply(pending, reads, answers)
+        self._recent = [key for key, _ in pending]
         return "ok"
 
     def _apply(
         self,
         pending: Sequence[tuple[CounterKey, int]],
-        new: Sequence[CounterKey],
+        reads: Sequence[CounterKey],
         answers: Sequence[Any],
     ) -> None:
         counters = self.counters
@@ -125,10 +133,10 @@ class RateLimitSync:
             counters.settle(key, delta, int(answers[2 * i]))
             self.max_delta = max(self.max_delta, delta)
         base = 2 * len(pending)
-        for j, key in enumerate(new):
+        for j, key in enumerate(reads):
             raw = answers[base + j]
             if raw is not None:
-                counters.observe(_prev(key), int(raw))
+                counters.observe(key, int(raw))
 
     async def _run(self) -> None:
         while not self._stop.is_set():

@@ -275,10 +275,17 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
         "x-authz-azp",
     }
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
-    assert "www-authenticate" in client
+    assert {"www-authenticate", "retry-after", "ratelimit", "ratelimit-policy"} <= client
     sent = {p["exact"] for p in f["allowed_headers"]["patterns"]}
     assert sent == {"authorization", "x-request-id"}
-    assert "authorization_request" not in f["http_service"]  # its allowed_headers is deprecated
+    # only Envoy sets the client address for `ip` rate limits (a client's copy is not forwarded)
+    request = f["http_service"]["authorization_request"]
+    assert request == {
+        "headers_to_add": [
+            {"key": "x-authz-client-ip", "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+        ]
+    }  # and no allowed_headers in it: deprecated there
+    assert "x-authz-client-ip" not in sent
 
 
 # ------------------------------------------------------------------------------- the renderer
