@@ -41,6 +41,7 @@ __all__ = ["RateLimitSync", "SyncObserver", "redis_key"]
 log = logging.getLogger("authz.ratelimit")
 
 PRUNE_EVERY_S = 1.0
+PING_EVERY_S = 1.0  # with nothing to send, still notice a lost (or returned) Redis this soon
 
 
 class SyncObserver(Protocol):
@@ -80,6 +81,7 @@ class RateLimitSync:
         self._stop = asyncio.Event()
         self._last_prune = 0.0
         self._recent: list[CounterKey] = []  # pushed in the last round: read back in this one
+        self._last_contact = 0.0  # time.monotonic() of the last round trip (or attempt)
         self.max_delta = 0  # the most increments one counter held between two syncs
 
     async def sync_once(self) -> str:
@@ -94,10 +96,15 @@ class RateLimitSync:
         pushed = {key for key, _ in pending}
         refresh = [key for key in self._recent if key not in pushed]
         reads = refresh + [_prev(key) for key in new]
+        link = self.link
         if not pending and not reads:
             self._recent = []
+            if time.monotonic() - self._last_contact >= PING_EVERY_S:
+                self._last_contact = time.monotonic()
+                if not await link.ping():
+                    return "down"
             return "idle"
-        link = self.link
+        self._last_contact = time.monotonic()
         keys = [redis_key(link, key) for key, _ in pending]
         read_keys = [redis_key(link, key) for key in reads]
         ttls = [int(key[0][3] * 2000 + 1000) for key, _ in pending]
