@@ -31,7 +31,7 @@ import httpx
 
 from authz import config as config_mod
 from authz.devidp import CONTOSO, DevIdP
-from authz.devstack import envoy_binary, free_port, wait_until
+from authz.devstack import RedisServer, envoy_binary, free_port, wait_until
 from authz.envoyconf import render
 from authz.server.workers import envoy_endpoints
 from bench import inprocess, loadgen, wrk
@@ -65,6 +65,12 @@ apis:
         require:
           token_kind: user
           scopes_any: [Orders.Read]
+{limits}{redis}"""
+
+# Rate limiting on (never reached: every request is counted, none denied), per process or shared
+# through a real redis-server.
+LIMITS = """        rate_limits:
+          - {name: per-user, key: oid, limit: 1000000000, period: 1m}
 """
 
 
@@ -99,6 +105,7 @@ class Lab:
         self.workdir = workdir
         self.cache_max = cache_max
         self.procs: list[Proc] = []
+        self.redis: RedisServer | None = None
 
     def __enter__(self) -> Lab:
         self.idp = DevIdP(tenants=(CONTOSO,)).start()
@@ -116,6 +123,8 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         for p in reversed(self.procs):
             p.stop()
+        if self.redis is not None:
+            self.redis.stop()
         self.idp.stop()
 
     def spawn(
@@ -135,16 +144,30 @@ class Lab:
 
     # ------------------------------------------------------------------------- servers
 
-    def config(self, cache_max: int) -> Path:
-        path = self.workdir / f"authz-{cache_max}.yaml"
+    def config(self, cache_max: int, ratelimit: str = "") -> Path:
+        """``ratelimit``: "" (off), "local" (per process) or "redis" (shared, real redis-server)."""
+        redis = ""
+        if ratelimit == "redis":
+            if self.redis is None:
+                self.redis = RedisServer(self.workdir / "redis").start()
+            redis = f'redis:\n  url: "{self.redis.url}"\n'
+        path = self.workdir / f"authz-{cache_max}{'-' + ratelimit if ratelimit else ''}.yaml"
         path.write_text(
-            AUTHZ_CONFIG.format(cache_max=cache_max, instance=self.idp.base_url, tenant=CONTOSO)
+            AUTHZ_CONFIG.format(
+                cache_max=cache_max,
+                instance=self.idp.base_url,
+                tenant=CONTOSO,
+                limits=LIMITS if ratelimit else "",
+                redis=redis,
+            )
         )
         return path
 
-    def authz(self, name: str, *, workers: int = 1, cache_max: int | None = None) -> Proc:
+    def authz(
+        self, name: str, *, workers: int = 1, cache_max: int | None = None, ratelimit: str = ""
+    ) -> Proc:
         grpc_port, http_port, admin = _free_block(2 * workers + 3)
-        cfg = self.config(self.cache_max if cache_max is None else cache_max)
+        cfg = self.config(self.cache_max if cache_max is None else cache_max, ratelimit)
         env = dict(os.environ)
         env.update(
             AUTHZ_GRPC_LISTEN=f"127.0.0.1:{grpc_port}",
@@ -460,6 +483,17 @@ def aims(res: dict[str, Any]) -> list[str]:
                 ratio <= 1.1,
             )
         )
+    for m in res.get("modes", []):
+        if m["mode"].startswith("entra-authz HTTP, rate limit on") and http and http["authz_us"]:
+            ratio = m["authz_us"] / http["authz_us"]
+            rows.append(
+                (
+                    f"rate limit on ({m['mode'].split('(')[-1].rstrip(')')}): CPU per check "
+                    "<= 1.1x off",
+                    f"{m['authz_us']:.0f} vs {http['authz_us']:.0f} µs ({ratio:.2f}x)",
+                    ratio <= 1.1,
+                )
+            )
     if not rows:
         return []
     out = [
@@ -681,6 +715,22 @@ def run_envoy_modes(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> 
     print("memory", flush=True)
     res["flood"] = flood(lab, one, args.flood)
     lab.release(one)
+
+    for kind, label in (("local", "per process"), ("redis", "shared via Redis")):
+        limited = lab.authz(f"authz-rl-{kind}", ratelimit=kind)
+        ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([limited.ports["http"]])}
+        modes.append(
+            run_mode(
+                lab,
+                f"entra-authz HTTP, rate limit on ({label})",
+                "envoy-ext-http.yaml",
+                ep,
+                [limited],
+                args,
+                fixed=False,
+            )
+        )
+        lab.release(limited)
 
     nocache = lab.authz("authz-nocache", cache_max=0)
     ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([nocache.ports["http"]])}

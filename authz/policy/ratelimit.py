@@ -207,6 +207,8 @@ class Counters:
 class _Limit:
     id: LimitId
     spec: LimitSpec
+    limit: int
+    period: int
     key: Callable[[Principal | None, RequestAttrs], str | None]
     dry_run: bool
     policy: str  # the RateLimit-Policy item, rendered once
@@ -218,6 +220,8 @@ def _compile(api: str, route: str, spec: LimitSpec, mode: Mode) -> _Limit:
     return _Limit(
         id=(api, route, spec.name, spec.period_s),
         spec=spec,
+        limit=spec.limit,
+        period=spec.period_s,
         key=_key_fn(spec),
         dry_run=Mode.DRY_RUN in (spec.mode, mode),
         policy=f'"{spec.name}";q={spec.limit};w={spec.period_s}',
@@ -266,27 +270,36 @@ class RateLimiter:
         if not limits:
             return None
         counters = self.counters
-        hits: list[CounterKey] = []
+        slots = counters.slots
+        hits: list[tuple[CounterKey, list[int] | None]] = []
         would: RateLimited | None = None
         for lim in limits:
             value = lim.key(principal, attrs)
             if value is None:
                 continue
-            period = lim.spec.period_s
+            period = lim.period
             window = int(now // period)
-            offset = now - window * period
             key = (lim.id, value, window)
-            cur = counters.count(key)
-            prev = counters.count((lim.id, value, window - 1))
-            if sliding_estimate(prev, cur, offset, period) + 1 > lim.spec.limit:
+            slot = slots.get(key)
+            cur = 0 if slot is None else slot[0] + slot[1] + slot[2]
+            before = slots.get((lim.id, value, window - 1))
+            prev = 0 if before is None else before[0] + before[1] + before[2]
+            offset = now - window * period
+            if prev * (1.0 - offset / period) + cur + 1 > lim.limit:
                 denial = self._denial(lim, prev, cur, offset, api, route)
                 if not lim.dry_run:
                     return denial
                 would = would or denial
                 continue
-            hits.append(key)
-        for key in hits:
-            counters.hit(key)
+            hits.append((key, slot))
+        dirty = counters._dirty
+        for key, slot in hits:
+            if slot is None:
+                counters.hit(key)
+            else:
+                if not slot[2]:
+                    dirty.add(key)
+                slot[2] += 1
         return would
 
     def _denial(

@@ -6,10 +6,12 @@ The check path counts in ``authz.policy.ratelimit.Counters`` and never waits for
 ``INCRBY <key> <local increments>`` + ``PEXPIRE`` for every counter that moved, ``GET`` of every
 counter it pushed in the round before (so it also learns what others pushed after it), and
 ``GET`` of the previous window of every counter new since the last sync; the totals Redis
-answers (everyone's counts) become the counters' ``base``. So each replica decides on the global count as of its last
-sync plus its own increments since. Overshoot bound: with N replicas (processes), at most the
-increments each of them admits between two of its syncs (one interval + one round trip) can be
-admitted beyond the limit, ``<= N x local increments per sync interval`` (docs/rate-limiting.md;
+answers (everyone's counts) become the counters' ``base``. So each replica decides on the
+global count as of its last sync plus its own increments since.
+
+Overshoot bound: with N replicas (processes), at most the increments each of them admits between
+two of its syncs (one interval + one round trip) can be admitted beyond the limit,
+``<= N x local increments per sync interval`` (docs/rate-limiting.md;
 ``authz_ratelimit_max_unsynced_increments`` reports this process's share).
 
 Redis keys: ``<prefix>rl:<sha256(api, route, limit, period, key value)[:32]>:<window>`` (no
@@ -17,8 +19,10 @@ user or tenant id in Redis), expiring two periods after their window starts.
 
 When Redis fails (``authz.state.redisconn``): the increments stay pending locally and the
 decisions go on with the last known totals plus local counts; once Redis is back the pending
-increments are pushed and every replica converges on the global totals again. Without Redis the
-task only prunes windows that are over.
+increments are pushed, and each replica converges on a counter's global total at the latest
+when it next counts a request for it (its push answers the total; the bound above covers what
+it admits meanwhile). With nothing to send it PINGs every second, so ``authz_redis_up`` follows
+Redis even when idle. Without Redis the task only prunes windows that are over.
 """
 
 from __future__ import annotations
