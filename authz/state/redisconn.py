@@ -74,7 +74,6 @@ def build_client(s: RedisSettings) -> aioredis.Redis:
         "socket_connect_timeout": s.connect_timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
-        "client_name": "entra-authz",
         "decode_responses": False,
     }
     if s.password_file:
