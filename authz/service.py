@@ -71,7 +71,7 @@ class Service:
         self._owns_client = http_client is None
         # Shared state: rate-limit counters live as long as the service (a reload keeps them),
         # synced with Redis when one is configured. ``redis:`` is read once, at start.
-        self.counters = Counters()
+        self.counters = Counters(shared=settings.redis.enabled)
         self.redis = RedisLink(settings.redis, metrics) if settings.redis.enabled else None
         if self.redis is not None:
             metrics.enable_redis()

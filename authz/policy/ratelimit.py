@@ -117,10 +117,12 @@ class Counters:
     Mutated only from the event loop thread (the check path and the sync task), so no locks.
     """
 
-    __slots__ = ("_dirty", "_new", "limited", "slots")
+    __slots__ = ("_dirty", "_new", "limited", "shared", "slots")
 
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = True) -> None:
         self.slots: dict[CounterKey, list[int]] = {}
+        # What the sync needs (``shared``: a Redis is configured); without one nobody drains these.
+        self.shared = shared
         self._dirty: set[CounterKey] = set()  # slots with pending increments
         self._new: set[CounterKey] = set()  # created since the last sync: fetch their prior window
         # Requests over a limit, by (api, route, limit, mode): folded into metrics periodically.
@@ -134,10 +136,11 @@ class Counters:
         slot = self.slots.get(key)
         if slot is None:
             self.slots[key] = [0, 0, 1]
-            self._new.add(key)
-            self._dirty.add(key)
+            if self.shared:
+                self._new.add(key)
+                self._dirty.add(key)
         else:
-            if not slot[2]:
+            if not slot[2] and self.shared:
                 self._dirty.add(key)
             slot[2] += 1
 
@@ -292,13 +295,10 @@ class RateLimiter:
                 would = would or denial
                 continue
             hits.append((key, slot))
-        dirty = counters._dirty
         for key, slot in hits:
-            if slot is None:
+            if slot is None or (not slot[2] and counters.shared):
                 counters.hit(key)
             else:
-                if not slot[2]:
-                    dirty.add(key)
                 slot[2] += 1
         return would
 

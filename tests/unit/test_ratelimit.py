@@ -372,3 +372,11 @@ def test_periods_and_key_aliases_compile() -> None:
     assert by_route["trial"][0].period_s == 86400
     assert by_route["open"][0].key == ("azp",)
     assert by_route["health"][0].period_s == 60
+
+
+def test_unshared_counters_keep_no_sync_bookkeeping() -> None:
+    c = Counters(shared=False)
+    c.hit(KEY)
+    c.hit(KEY)
+    assert c.count(KEY) == 2
+    assert c.take_pending() == ([], [])
