@@ -19,6 +19,7 @@ import random
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -617,6 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood", type=int, default=None, help="unique tokens in the flood (12000)")
     p.add_argument("--skip-envoy", action="store_true", help="only (a), the in-process part")
     p.add_argument("--pinning", action="store_true", help="also: 2 workers on the shared port")
+    p.add_argument(
+        "--ratelimit",
+        action="store_true",
+        help="only rate limiting off / per process / shared via Redis, interleaved (A/B/C)",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 5.0)
     args.rounds = max(1, args.rounds or (1 if args.quick else 3))
@@ -648,7 +654,9 @@ def main(argv: list[str] | None = None) -> int:
                 inprocess.measure(settings, lab.token, pub, quick=args.quick)
             )
             print("  " + json.dumps({k: round(v, 2) for k, v in res["inprocess"].items()}))
-            if not args.skip_envoy:
+            if args.ratelimit:
+                run_ratelimit_ab(lab, args, res)
+            elif not args.skip_envoy:
                 run_envoy_modes(lab, args, res)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -662,6 +670,38 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "latest.md").write_text(text + "\n")
     print(f"saved {out} (elapsed {res['meta']['elapsed_s']:.0f} s)")
     return 0
+
+
+RATELIMIT_MODES = (
+    ("", "entra-authz HTTP"),
+    ("local", "entra-authz HTTP, rate limit on (per process)"),
+    ("redis", "entra-authz HTTP, rate limit on (shared via Redis)"),
+)
+
+
+def run_ratelimit_ab(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Rate limiting off / local / Redis, one wrk round each in turn, ``args.rounds`` times: on
+    a shared machine interleaving is what makes a 10 % difference visible at all."""
+    print("(b) rate limiting A/B/C through Envoy (HTTP transport)", flush=True)
+    procs = {
+        kind: lab.authz(f"authz-ab-{kind or 'off'}", ratelimit=kind) for kind, _ in RATELIMIT_MODES
+    }
+    one_round = argparse.Namespace(**{**vars(args), "rounds": 1})
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for _, name in RATELIMIT_MODES}
+    for _ in range(args.rounds):
+        for kind, name in RATELIMIT_MODES:
+            ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([procs[kind].ports["http"]])}
+            rounds[name].append(
+                run_mode(
+                    lab, name, "envoy-ext-http.yaml", ep, [procs[kind]], one_round, fixed=False
+                )
+            )
+    for _, name in RATELIMIT_MODES:
+        row = median_round(rounds[name])
+        row["authz_us"] = statistics.median(r["authz_us"] for r in rounds[name])  # CPU: median
+        res["modes"].append(row)
+    for proc in procs.values():
+        lab.release(proc)
 
 
 def run_envoy_modes(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> None:
