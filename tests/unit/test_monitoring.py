@@ -108,6 +108,10 @@ def exposition() -> dict[str, set[str]]:
     metrics.reloads.labels("ok").inc()
     metrics.internal_errors.labels("grpc").inc()
     metrics.ready.set(1)
+    metrics.sync_ratelimit({("orders", "read", "per-user", "enforce"): 1}, 1)
+    metrics.on_ratelimit_sync("ok", 3, 1)
+    metrics.on_redis_state(True)  # registered only when redis: is configured
+    metrics.on_redis_error("ratelimit_sync")
     text = prom.generate_latest(registry).decode()
     samples: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
