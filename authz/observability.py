@@ -284,8 +284,11 @@ class AuditLog:
             f'"would_deny":{"true" if d.would_deny else "false"},"status":{int(d.status)},'
             f'"code":{q(d.code)},"tid":{q(p.tid if p else "")},"oid":{q(p.oid if p else "")},'
             f'"azp":{q(p.client_id if p else "")},"uti":{q(p.uti if p else "")},'
-            f'"latency_us":{seconds * 1e6:.1f}}}\n'
+            f'"latency_us":{seconds * 1e6:.1f}'
         )
+        if d.code == "rate_limited":  # which limit (its configured name, never the key value)
+            line += f',"rate_limit":{q(d.metadata.get("rate_limit", ""))}'
+        line += "}\n"
         # Buffered in-process: one write per flush (every 250 ms), not one system call per check.
         self._buffer.append(line)
         self._buffered += len(line)

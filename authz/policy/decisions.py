@@ -25,7 +25,8 @@ control characters; nothing in a challenge comes from the request or the token. 
 challenges are cached per (API, denial shape).
 
 Dynamic metadata (allow and deny alike): ``decision_id``, ``api``, ``route``, ``code``, ``oid``,
-``tid``, ``azp``; strings, empty when unknown.
+``tid``, ``azp``; strings, empty when unknown. A rate-limited decision (or dry-run would-limit)
+adds ``rate_limit``: the name of the limit.
 
 Pure module: no grpc, prometheus, asyncio or network imports.
 """
@@ -65,18 +66,20 @@ def _metadata(
     api: ApiSpec | None,
     route: Route | None,
     principal: Principal | None,
+    denial: Denial | None = None,
 ) -> Mapping[str, str]:
-    return MappingProxyType(
-        {
-            "decision_id": decision_id,
-            "api": api.name if api is not None else "",
-            "route": route.name if route is not None else "",
-            "code": code,
-            "oid": principal.oid if principal is not None else "",
-            "tid": principal.tid if principal is not None else "",
-            "azp": principal.client_id if principal is not None else "",
-        }
-    )
+    meta = {
+        "decision_id": decision_id,
+        "api": api.name if api is not None else "",
+        "route": route.name if route is not None else "",
+        "code": code,
+        "oid": principal.oid if principal is not None else "",
+        "tid": principal.tid if principal is not None else "",
+        "azp": principal.client_id if principal is not None else "",
+    }
+    if isinstance(denial, RateLimited):
+        meta["rate_limit"] = denial.limit  # the configured limit's name (never the key value)
+    return MappingProxyType(meta)
 
 
 # ---------------------------------------------------------------------------------------- allow
@@ -128,7 +131,7 @@ def allow(
         route=route.name if route is not None else "",
         upstream_headers=upstream,
         remove_headers=remove,
-        metadata=_metadata(decision_id, code, api, route, principal),
+        metadata=_metadata(decision_id, code, api, route, principal, would_deny),
         principal=principal,
         would_deny=would_deny is not None,
     )
@@ -258,7 +261,7 @@ def deny(
         route=route.name if route is not None else "",
         response_headers=headers,
         body=_body(_oauth_error(denial), code, request_id),
-        metadata=_metadata(decision_id, code, api, route, principal),
+        metadata=_metadata(decision_id, code, api, route, principal, denial),
         principal=principal,
     )
 

@@ -5,6 +5,7 @@ network."""
 
 from __future__ import annotations
 
+import io
 import json
 from types import SimpleNamespace
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from authz import config as authz_config
 from authz.engine import Engine
 from authz.identity.entra import TokenVerifier
+from authz.observability import AuditLog
 from authz.policy.errors import Code
 from authz.policy.model import RequestAttrs
 from authz.policy.ratelimit import Counters, client_ip, retry_after, sliding_estimate
@@ -380,3 +382,19 @@ def test_unshared_counters_keep_no_sync_bookkeeping() -> None:
     c.hit(KEY)
     assert c.count(KEY) == 2
     assert c.take_pending() == ([], [])
+
+
+def test_the_limit_name_reaches_metadata_and_the_audit_line(w: World) -> None:
+    token = w.token()
+    for _ in range(3):
+        w.check("/orders/1", token)
+    d = w.check("/orders/1", token)
+    assert d.metadata["rate_limit"] == "per-user"
+    out = io.StringIO()
+    audit = AuditLog(out)
+    audit.record(RequestAttrs("GET", "/orders/1"), d, 0.0001)
+    audit.flush()
+    line = json.loads(out.getvalue())
+    assert (line["code"], line["rate_limit"]) == ("rate_limited", "per-user")
+    ok = w.check("/orders/2", w.token(oid="88888888-8888-4888-8888-888888888888"))
+    assert "rate_limit" not in ok.metadata
