@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 ARGS    ?=
 
-.PHONY: all venv lock demo test lint typecheck pytest protos check-protos bench clean system-deps test-deps
+.PHONY: all venv lock demo test lint typecheck pytest protos check-protos bench clean system-deps test-deps redis-server
 
 all: test
 
@@ -48,7 +48,15 @@ test-deps:
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null; \
 	  else echo "promtool is missing: apt-get install prometheus (tests/unit/test_monitoring.py needs it)"; fi; }
 
-demo: venv
+# redis-server (rate-limit tests, the demo) comes from Debian too; same pattern.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null; }; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q redis-server >/dev/null; \
+	  else echo "redis-server is missing: apt-get install redis-server"; exit 1; fi; }
+
+demo: venv redis-server
 	$(BIN)/authz demo $(ARGS)
 
 protos: venv
@@ -61,12 +69,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv test-deps
+pytest: venv test-deps redis-server
 	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-branch --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-bench: venv system-deps
+bench: venv system-deps redis-server
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

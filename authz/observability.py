@@ -186,6 +186,41 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__, sys.version.split()[0]).set(1)
+        self.ratelimit_limited = prom.Counter(
+            "authz_ratelimit_limited",
+            "Requests over a rate limit, by API, route ('' = an API-wide limit), limit name and "
+            "mode (enforce: answered 429; dry-run: only counted and logged).",
+            ["api", "route", "limit", "mode"],
+            registry=registry,
+        )
+        self.ratelimit_counters = prom.Gauge(
+            "authz_ratelimit_counters",
+            "Rate-limit counters (key x window) held in memory.",
+            registry=registry,
+            multiprocess_mode="sum",
+        )
+        self.ratelimit_syncs = prom.Counter(
+            "authz_ratelimit_syncs",
+            "Rate-limit syncs with Redis by result: ok, idle (nothing to send), down.",
+            ["result"],
+            registry=registry,
+        )
+        self.ratelimit_max_unsynced = prom.Gauge(
+            "authz_ratelimit_max_unsynced_increments",
+            "The most increments one counter held locally between two Redis syncs: this "
+            "process's share of the overshoot bound.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.redis_errors = prom.Counter(
+            "authz_redis_errors",
+            "Failed Redis operations by operation.",
+            ["op"],
+            registry=registry,
+        )
+        # Registered only when Redis is configured (enable_redis): absent = not configured.
+        self.redis_up: prom.Gauge | None = None
+        self._limited_seen: dict[tuple[str, str, str, str], int] = {}
         self._check_children: dict[tuple[str, str, str, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._cache_seen = (0, 0)
@@ -211,6 +246,41 @@ class Metrics:
             self.cache_misses.inc(misses - seen_misses)
         self._cache_seen = (hits, misses)
         self.cache_entries.set(size)
+
+    def sync_ratelimit(self, limited: dict[tuple[str, str, str, str], int], counters: int) -> None:
+        """Fold the limiter's own over-limit counts into Prometheus (periodically)."""
+        seen = self._limited_seen
+        for labels, n in limited.items():
+            delta = n - seen.get(labels, 0)
+            if delta > 0:
+                self.ratelimit_limited.labels(*labels).inc(delta)
+                seen[labels] = n
+        self.ratelimit_counters.set(counters)
+
+    # RedisLink observer protocol
+    def enable_redis(self) -> None:
+        if self.redis_up is None:
+            self.redis_up = prom.Gauge(
+                "authz_redis_up",
+                "1 while the Redis that shares state is reachable, 0 while decisions run on "
+                "local state only (absent: no Redis configured).",
+                registry=self.registry,
+                multiprocess_mode="min",
+            )
+
+    def on_redis_state(self, up: bool) -> None:
+        self.enable_redis()
+        assert self.redis_up is not None
+        self.redis_up.set(1 if up else 0)
+
+    def on_redis_error(self, op: str) -> None:
+        self.redis_errors.labels(op).inc()
+
+    # RateLimitSync observer protocol
+    def on_ratelimit_sync(self, result: str, max_delta: int, counters: int) -> None:
+        if result != "local":
+            self.ratelimit_syncs.labels(result).inc()
+            self.ratelimit_max_unsynced.set(max_delta)
 
     # KeyStore observer protocol
     def on_refresh(self, issuer: str, result: str, keys: int) -> None:
@@ -282,8 +352,11 @@ class AuditLog:
             f'"decision":"{outcome(d)}",'
             f'"would_deny":{"true" if d.would_deny else "false"},"status":{int(d.status)},'
             f'"code":{q(d.code)},"tid":{q(tid)},"oid":{q(oid)},"azp":{q(azp)},"uti":{q(uti)},'
-            f'"latency_us":{seconds * 1e6:.1f}}}\n'
+            f'"latency_us":{seconds * 1e6:.1f}'
         )
+        if d.code == "rate_limited":  # which limit (its configured name, never the key value)
+            line += f',"rate_limit":{q(d.metadata.get("rate_limit", ""))}'
+        line += "}\n"
         # Buffered in-process: one write per flush (every 250 ms), not one system call per check.
         self._buffer.append(line)
         self._buffered += len(line)

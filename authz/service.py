@@ -12,6 +12,10 @@ snapshots of unchanged issuers, fetching new ones), a new verifier and engine, a
 old key store is closed in the background: its periodic refreshes stop at once, and a refresh in
 flight (such a check may be awaiting it) finishes first; the new store joins that refresh and
 keeps the unknown-kid rate limit.
+
+Rate limits are decided by the engine on ``self.counters`` (local, synchronous); the
+``RateLimitSync`` task beside it shares them through Redis when ``redis:`` is configured
+(``authz.state``). Both live as long as the service: a reload keeps the counts.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ from authz.identity.keys import KeyStore
 from authz.observability import AuditLog, Metrics
 from authz.policy.decisions import internal_error
 from authz.policy.model import Decision, RequestAttrs
+from authz.policy.ratelimit import Counters
+from authz.state.ratelimit_sync import RateLimitSync
+from authz.state.redisconn import RedisLink
 
 log = logging.getLogger("authz.service")
 
@@ -61,6 +68,18 @@ class Service:
         self.config_path = config_path
         self._client = http_client or key_fetch_client(settings.tokens.ca_bundle)
         self._owns_client = http_client is None
+        # Shared state: rate-limit counters live as long as the service (a reload keeps them),
+        # synced with Redis when one is configured. ``redis:`` is read once, at start.
+        self.counters = Counters(shared=settings.redis.enabled)
+        self.redis = RedisLink(settings.redis, metrics) if settings.redis.enabled else None
+        if self.redis is not None:
+            metrics.enable_redis()
+        self.ratelimit_sync = RateLimitSync(
+            self.counters,
+            self.redis,
+            interval_s=settings.redis.sync_interval_s,
+            observer=metrics,
+        )
         self._state = self._build(settings, previous=None)
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -85,7 +104,7 @@ class Service:
             else None
         )
         verifier = TokenVerifier(t, {s.name: s for s in settings.issuers}, keys, cache=cache)
-        return _State(settings, keys, cache, Engine(settings, verifier))
+        return _State(settings, keys, cache, Engine(settings, verifier, counters=self.counters))
 
     @property
     def settings(self) -> Settings:
@@ -98,6 +117,9 @@ class Service:
     async def start(self) -> None:
         await self._state.keys.start()
         self._state.keys.start_background()
+        if self.redis is not None and not await self.redis.ping():
+            log.warning("redis not reachable at start: rate limits count per process until it is")
+        self.ratelimit_sync.start()
         self.metrics.config_last_success.set(time.time())
         self.metrics.ready.set(1 if self.ready else 0)
 
@@ -107,6 +129,9 @@ class Service:
         for task in self._retiring:
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.ratelimit_sync.stop()
+        if self.redis is not None:
+            await self.redis.close()
         await self._state.keys.close(drain=False)
         if self._owns_client:
             await self._client.aclose()
@@ -163,6 +188,7 @@ class Service:
         """Periodic, off the check path: fold cache counters into metrics, flush the audit log."""
         self.sync_cache_metrics()
         self.sync_key_metrics()
+        self.metrics.sync_ratelimit(self.counters.limited, len(self.counters))
         self.audit.flush()
 
     def sync_key_metrics(self) -> None:
@@ -219,6 +245,8 @@ class Service:
             if settings.tokens.ca_bundle != old.settings.tokens.ca_bundle:
                 # the key-fetch client (proxies, CA bundle) is built once, at start
                 log.warning("config: tokens.ca_bundle changed; it takes effect at the next restart")
+            if settings.redis != old.settings.redis:
+                log.warning("config: the redis section changed; it takes effect at restart")
             log.info("configuration reloaded from %s", self.config_path)
         self._retire(old.keys)
         return True

@@ -19,6 +19,7 @@ import random
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ import httpx
 
 from authz import config as config_mod
 from authz.devidp import CONTOSO, DevIdP
-from authz.devstack import envoy_binary, free_port, wait_until
+from authz.devstack import RedisServer, envoy_binary, free_port, wait_until
 from authz.envoyconf import render
 from authz.server.workers import envoy_endpoints
 from bench import inprocess, loadgen, wrk
@@ -65,6 +66,12 @@ apis:
         require:
           token_kind: user
           scopes_any: [Orders.Read]
+{limits}{redis}"""
+
+# Rate limiting on (never reached: every request is counted, none denied), per process or shared
+# through a real redis-server.
+LIMITS = """        rate_limits:
+          - {name: per-user, key: oid, limit: 1000000000, period: 1m}
 """
 
 
@@ -99,6 +106,7 @@ class Lab:
         self.workdir = workdir
         self.cache_max = cache_max
         self.procs: list[Proc] = []
+        self.redis: RedisServer | None = None
 
     def __enter__(self) -> Lab:
         self.idp = DevIdP(tenants=(CONTOSO,)).start()
@@ -116,6 +124,8 @@ class Lab:
     def __exit__(self, *exc: object) -> None:
         for p in reversed(self.procs):
             p.stop()
+        if self.redis is not None:
+            self.redis.stop()
         self.idp.stop()
 
     def spawn(
@@ -135,16 +145,30 @@ class Lab:
 
     # ------------------------------------------------------------------------- servers
 
-    def config(self, cache_max: int) -> Path:
-        path = self.workdir / f"authz-{cache_max}.yaml"
+    def config(self, cache_max: int, ratelimit: str = "") -> Path:
+        """``ratelimit``: "" (off), "local" (per process) or "redis" (shared, real redis-server)."""
+        redis = ""
+        if ratelimit == "redis":
+            if self.redis is None:
+                self.redis = RedisServer(self.workdir / "redis").start()
+            redis = f'redis:\n  url: "{self.redis.url}"\n'
+        path = self.workdir / f"authz-{cache_max}{'-' + ratelimit if ratelimit else ''}.yaml"
         path.write_text(
-            AUTHZ_CONFIG.format(cache_max=cache_max, instance=self.idp.base_url, tenant=CONTOSO)
+            AUTHZ_CONFIG.format(
+                cache_max=cache_max,
+                instance=self.idp.base_url,
+                tenant=CONTOSO,
+                limits=LIMITS if ratelimit else "",
+                redis=redis,
+            )
         )
         return path
 
-    def authz(self, name: str, *, workers: int = 1, cache_max: int | None = None) -> Proc:
+    def authz(
+        self, name: str, *, workers: int = 1, cache_max: int | None = None, ratelimit: str = ""
+    ) -> Proc:
         grpc_port, http_port, admin = _free_block(2 * workers + 3)
-        cfg = self.config(self.cache_max if cache_max is None else cache_max)
+        cfg = self.config(self.cache_max if cache_max is None else cache_max, ratelimit)
         env = dict(os.environ)
         env.update(
             AUTHZ_GRPC_LISTEN=f"127.0.0.1:{grpc_port}",
@@ -460,6 +484,17 @@ def aims(res: dict[str, Any]) -> list[str]:
                 ratio <= 1.1,
             )
         )
+    for m in res.get("modes", []):
+        if m["mode"].startswith("entra-authz HTTP, rate limit on") and http and http["authz_us"]:
+            ratio = m["authz_us"] / http["authz_us"]
+            rows.append(
+                (
+                    f"rate limit on ({m['mode'].split('(')[-1].rstrip(')')}): CPU per check "
+                    "<= 1.1x off",
+                    f"{m['authz_us']:.0f} vs {http['authz_us']:.0f} µs ({ratio:.2f}x)",
+                    ratio <= 1.1,
+                )
+            )
     if not rows:
         return []
     out = [
@@ -481,12 +516,13 @@ def report(res: dict[str, Any]) -> str:
             "### (a) Decision path in-process (best of 5, µs per operation)",
             "",
             "| raw RSA-2048 verify | our cold verify | our cached verify | route match "
-            "| Engine.check, cached | cold / raw | cached / raw |",
-            "|---|---|---|---|---|---|---|",
+            "| Engine.check, cached | same, rate limit on | cold / raw | cached / raw |",
+            "|---|---|---|---|---|---|---|---|",
             f"| {a['raw_rsa_verify_us']:.1f} | {a['cold_verify_us']:.1f} | "
             f"{a['cached_verify_us']:.2f} | {a['route_match_us']:.2f} | "
-            f"{a['engine_check_cached_us']:.2f} | {a['cold_over_raw']:.2f}x | "
-            f"{a['cached_over_raw']:.2f}x |",
+            f"{a['engine_check_cached_us']:.2f} | "
+            f"{_f(a.get('engine_check_ratelimited_us'), '.2f')} | "
+            f"{a['cold_over_raw']:.2f}x | {a['cached_over_raw']:.2f}x |",
             "",
         ]
     modes = res.get("modes", [])
@@ -583,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood", type=int, default=None, help="unique tokens in the flood (12000)")
     p.add_argument("--skip-envoy", action="store_true", help="only (a), the in-process part")
     p.add_argument("--pinning", action="store_true", help="also: 2 workers on the shared port")
+    p.add_argument(
+        "--ratelimit",
+        action="store_true",
+        help="only rate limiting off / per process / shared via Redis, interleaved (A/B/C)",
+    )
     args = p.parse_args(argv)
     args.duration = args.duration or (3.0 if args.quick else 5.0)
     args.rounds = max(1, args.rounds or (1 if args.quick else 3))
@@ -610,11 +651,14 @@ def main(argv: list[str] | None = None) -> int:
             print("(a) in-process decision path", flush=True)
             settings = config_mod.load(lab.config(cache_max))
             pub = lab.idp.private_key().public_key()
+            limited = config_mod.load(lab.config(cache_max, "local"))
             res["inprocess"] = asyncio.run(
-                inprocess.measure(settings, lab.token, pub, quick=args.quick)
+                inprocess.measure(settings, lab.token, pub, quick=args.quick, limited=limited)
             )
             print("  " + json.dumps({k: round(v, 2) for k, v in res["inprocess"].items()}))
-            if not args.skip_envoy:
+            if args.ratelimit:
+                run_ratelimit_ab(lab, args, res)
+            elif not args.skip_envoy:
                 run_envoy_modes(lab, args, res)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -628,6 +672,38 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "latest.md").write_text(text + "\n")
     print(f"saved {out} (elapsed {res['meta']['elapsed_s']:.0f} s)")
     return 0
+
+
+RATELIMIT_MODES = (
+    ("", "entra-authz HTTP"),
+    ("local", "entra-authz HTTP, rate limit on (per process)"),
+    ("redis", "entra-authz HTTP, rate limit on (shared via Redis)"),
+)
+
+
+def run_ratelimit_ab(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> None:
+    """Rate limiting off / local / Redis, one wrk round each in turn, ``args.rounds`` times: on
+    a shared machine interleaving is what makes a 10 % difference visible at all."""
+    print("(b) rate limiting A/B/C through Envoy (HTTP transport)", flush=True)
+    procs = {
+        kind: lab.authz(f"authz-ab-{kind or 'off'}", ratelimit=kind) for kind, _ in RATELIMIT_MODES
+    }
+    one_round = argparse.Namespace(**{**vars(args), "rounds": 1})
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for _, name in RATELIMIT_MODES}
+    for _ in range(args.rounds):
+        for kind, name in RATELIMIT_MODES:
+            ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([procs[kind].ports["http"]])}
+            rounds[name].append(
+                run_mode(
+                    lab, name, "envoy-ext-http.yaml", ep, [procs[kind]], one_round, fixed=False
+                )
+            )
+    for _, name in RATELIMIT_MODES:
+        row = median_round(rounds[name])
+        row["authz_us"] = statistics.median(r["authz_us"] for r in rounds[name])  # CPU: median
+        res["modes"].append(row)
+    for proc in procs.values():
+        lab.release(proc)
 
 
 def run_envoy_modes(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> None:
@@ -681,6 +757,22 @@ def run_envoy_modes(lab: Lab, args: argparse.Namespace, res: dict[str, Any]) -> 
     print("memory", flush=True)
     res["flood"] = flood(lab, one, args.flood)
     lab.release(one)
+
+    for kind, label in (("local", "per process"), ("redis", "shared via Redis")):
+        limited = lab.authz(f"authz-rl-{kind}", ratelimit=kind)
+        ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([limited.ports["http"]])}
+        modes.append(
+            run_mode(
+                lab,
+                f"entra-authz HTTP, rate limit on ({label})",
+                "envoy-ext-http.yaml",
+                ep,
+                [limited],
+                args,
+                fixed=False,
+            )
+        )
+        lab.release(limited)
 
     nocache = lab.authz("authz-nocache", cache_max=0)
     ep = {"AUTHZ_ENDPOINTS": envoy_endpoints([nocache.ports["http"]])}

@@ -27,8 +27,15 @@ def best_us(fn: Callable[[], object], number: int, rounds: int = 5) -> float:
 
 
 async def measure(
-    settings: Settings, token: str, public_key: Any, *, quick: bool
+    settings: Settings,
+    token: str,
+    public_key: Any,
+    *,
+    quick: bool,
+    limited: Settings | None = None,
 ) -> dict[str, float]:
+    """``limited``: the same config with a rate limit on the route (never reached), for
+    ``engine_check_ratelimited_us`` beside ``engine_check_cached_us``."""
     scale = 0.2 if quick else 1.0
     async with httpx.AsyncClient(trust_env=False) as client:
         keys = KeyStore(settings.issuers, client)
@@ -70,6 +77,16 @@ async def measure(
                 ),
                 "engine_check_cached_us": best_us(lambda: engine.check(attrs), n * 5),
             }
+            if limited is not None:
+                with_limits = Engine(
+                    limited,
+                    TokenVerifier(limited.tokens, issuers, keys, cache=ClaimsCache(10_000, 300.0)),
+                )
+                assert with_limits.limiter is not None
+                assert with_limits.check(attrs).allowed
+                out["engine_check_ratelimited_us"] = best_us(
+                    lambda: with_limits.check(attrs), n * 5
+                )
         finally:
             await keys.close()
     out["cold_over_raw"] = out["cold_verify_us"] / out["raw_rsa_verify_us"]

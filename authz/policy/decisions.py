@@ -15,7 +15,7 @@ an OAuth-style error and ``code`` our stable denial code:
                                        (scope omitted when the denial names none)
     403     access_denied              unknown_api, no_matching_route: none (no token privilege
                                        would help, so no challenge is issued)
-    429     rate_limited               none
+    429     rate_limited               none (Retry-After, RateLimit-Policy, RateLimit instead)
     503     temporarily_unavailable    none
 
 ``R`` is the API's realm, else its name, else ``entra-authz``; ``U`` is the configured
@@ -25,7 +25,8 @@ control characters; nothing in a challenge comes from the request or the token. 
 challenges are cached per (API, denial shape).
 
 Dynamic metadata (allow and deny alike): ``decision_id``, ``api``, ``route``, ``code``, ``oid``,
-``tid``, ``azp``; strings, empty when unknown.
+``tid``, ``azp``; strings, empty when unknown. A rate-limited decision (or dry-run would-limit)
+adds ``rate_limit``: the name of the limit.
 
 Pure module: no grpc, prometheus, asyncio or network imports.
 """
@@ -37,7 +38,7 @@ import json
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from authz.policy.errors import MEANING, ClaimsChallenge, Code, Denial, Forbidden
+from authz.policy.errors import MEANING, ClaimsChallenge, Code, Denial, Forbidden, RateLimited
 from authz.policy.headers import HeaderPlan
 from authz.policy.model import ApiSpec, Decision, HeaderContract, Principal, Route
 
@@ -65,18 +66,20 @@ def _metadata(
     api: ApiSpec | None,
     route: Route | None,
     principal: Principal | None,
+    denial: Denial | None = None,
 ) -> Mapping[str, str]:
-    return MappingProxyType(
-        {
-            "decision_id": decision_id,
-            "api": api.name if api is not None else "",
-            "route": route.name if route is not None else "",
-            "code": code,
-            "oid": principal.oid if principal is not None else "",
-            "tid": principal.tid if principal is not None else "",
-            "azp": principal.client_id if principal is not None else "",
-        }
-    )
+    meta = {
+        "decision_id": decision_id,
+        "api": api.name if api is not None else "",
+        "route": route.name if route is not None else "",
+        "code": code,
+        "oid": principal.oid if principal is not None else "",
+        "tid": principal.tid if principal is not None else "",
+        "azp": principal.client_id if principal is not None else "",
+    }
+    if isinstance(denial, RateLimited):
+        meta["rate_limit"] = denial.limit  # the configured limit's name (never the key value)
+    return MappingProxyType(meta)
 
 
 # ---------------------------------------------------------------------------------------- allow
@@ -128,7 +131,7 @@ def allow(
         route=route.name if route is not None else "",
         upstream_headers=upstream,
         remove_headers=remove,
-        metadata=_metadata(decision_id, code, api, route, principal),
+        metadata=_metadata(decision_id, code, api, route, principal, would_deny),
         principal=principal,
         would_deny=would_deny is not None,
     )
@@ -243,7 +246,11 @@ def deny(
     """A deny with the status the denial's phase fixed, its challenge, and the JSON body."""
     code = denial.code.value
     challenge = www_authenticate(denial, api, authorization_uri)
-    headers = (("www-authenticate", challenge), _JSON) if challenge is not None else (_JSON,)
+    headers: tuple[tuple[str, str], ...] = (
+        (("www-authenticate", challenge), _JSON) if challenge is not None else (_JSON,)
+    )
+    if isinstance(denial, RateLimited):
+        headers = (*denial.headers, _JSON)
     return Decision(
         allowed=False,
         status=denial.status,
@@ -254,7 +261,7 @@ def deny(
         route=route.name if route is not None else "",
         response_headers=headers,
         body=_body(_oauth_error(denial), code, request_id),
-        metadata=_metadata(decision_id, code, api, route, principal),
+        metadata=_metadata(decision_id, code, api, route, principal, denial),
         principal=principal,
     )
 

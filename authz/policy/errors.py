@@ -12,6 +12,7 @@ they never pick HTTP statuses themselves.
     │   └── ClaimsChallenge 401 auth_context_required, when the client can answer a claims challenge
     ├── Forbidden           403 no_matching_route, missing_role, missing_scope, ...
     ├── TooManyRequests     429 rate_limited
+    │   └── RateLimited     429 rate_limited, with Retry-After and the RateLimit headers
     └── Unavailable         503 keys_unavailable, internal_error
 
 The code is a stable snake_case string: it is the Prometheus label, the audit-log field, the Envoy
@@ -164,6 +165,20 @@ class Forbidden(Denial):
 
 class TooManyRequests(Denial):
     status = 429
+
+
+class RateLimited(TooManyRequests):
+    """A rate limit was exceeded (``authz.policy.ratelimit``). ``headers`` are the
+    ``Retry-After``/``RateLimit-Policy``/``RateLimit`` response headers (from configuration and
+    counters only); ``limit`` names the limit, ``dry_run`` says it is only counted and logged."""
+
+    def __init__(
+        self, limit: str, headers: tuple[tuple[str, str], ...], *, dry_run: bool = False
+    ) -> None:
+        super().__init__(Code.RATE_LIMITED)
+        self.limit = limit
+        self.headers = headers
+        self.dry_run = dry_run
 
 
 class Unavailable(Denial):

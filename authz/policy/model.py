@@ -126,6 +126,21 @@ AUTHENTICATED = Requirement()
 
 PathKind = Literal["exact", "prefix", "template"]
 
+# What a rate limit counts by: claims of the verified token, or the client address Envoy saw.
+LimitKeyPart = Literal["oid", "azp", "tid", "sub", "ip"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """One rate limit or quota (``authz.policy.ratelimit`` enforces it): at most ``limit``
+    allowed requests per ``period_s`` seconds (sliding window) for each value of ``key``."""
+
+    name: str
+    key: tuple[LimitKeyPart, ...]
+    limit: int
+    period_s: int
+    mode: Mode | None = None  # None: the route's (or API's) mode
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -139,6 +154,7 @@ class Route:
     methods: frozenset[str] = frozenset()
     hosts: frozenset[str] = frozenset()
     mode: Mode | None = None  # None: inherit the API's mode
+    rate_limits: tuple[LimitSpec, ...] = ()  # counted per route, after the API's own limits
 
 
 # ------------------------------------------------------------------------------------ APIs, IdPs
@@ -226,6 +242,7 @@ class ApiSpec:
     claim_headers: tuple[tuple[str, str], ...] = ()  # (header name, claim name)
     realm: str = ""  # WWW-Authenticate realm; "" = the API name
     resource_metadata: str = ""  # RFC 9728 URL, added to challenges when set
+    rate_limits: tuple[LimitSpec, ...] = ()  # counted per API, for every request of it
 
 
 # -------------------------------------------------------------------------------------- decision

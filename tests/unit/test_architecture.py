@@ -28,6 +28,8 @@ FORBIDDEN_IN_PURE = (
     "urllib.request",
     "http.client",
     "aiohttp",
+    "redis",
+    "authz.state",
     "authz._proto",
     "authz.server",
     "authz.devidp",

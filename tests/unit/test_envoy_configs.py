@@ -37,6 +37,15 @@ TEST_VALUES: dict[str, dict[str, str]] = {
         "ADMIN_PORT": "19911",
         "STATS_PORT": "19912",
     },
+    "ratelimit-global.yaml": {
+        "LISTEN_PORT": "18380",
+        "APP_PORT": "18381",
+        "AUTHZ_GRPC_PORT": "19031",
+        "ADMIN_PORT": "19931",
+        "STATS_PORT": "19932",
+        "RATELIMIT_HOST": "localhost",
+        "RATELIMIT_PORT": "18081",
+    },
     "ingress.yaml": {
         "LISTEN_PORT": "18280",
         "ADMIN_PORT": "19921",
@@ -315,10 +324,17 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
         "x-authz-azp",
     }
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
-    assert "www-authenticate" in client
+    assert {"www-authenticate", "retry-after", "ratelimit", "ratelimit-policy"} <= client
     sent = {p["exact"] for p in f["allowed_headers"]["patterns"]}
     assert sent == {"authorization", "x-request-id"}
-    assert "authorization_request" not in f["http_service"]  # its allowed_headers is deprecated
+    # only Envoy sets the client address for `ip` rate limits (a client's copy is not forwarded)
+    request = f["http_service"]["authorization_request"]
+    assert request == {
+        "headers_to_add": [
+            {"key": "x-authz-client-ip", "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}
+        ]
+    }  # and no allowed_headers in it: deprecated there
+    assert "x-authz-client-ip" not in sent
 
 
 # ------------------------------------------------------------------------------- the renderer
@@ -385,3 +401,36 @@ def test_cli_renders_checks_and_reports_errors(
     assert envoyconf.main([str(template), "NOPE=1"]) == 2
     assert "unknown placeholder 'NOPE'" in capsys.readouterr().err
     assert envoyconf.main([str(tmp_path / "absent.yaml")]) == 2
+
+
+def test_global_rate_limit_descriptors_come_from_the_authz_decision_only() -> None:
+    """envoy/ratelimit-global.yaml: the ratelimit filter runs after ext_authz (only allowed
+    requests are counted), builds every descriptor from ext_authz dynamic metadata (never from
+    a header a client could forge), and fails open on purpose (docs/rate-limiting.md); the
+    shipped envoyproxy/ratelimit config knows every descriptor key it sends."""
+    cfg = yaml.safe_load(rendered("ratelimit-global.yaml"))
+    (hcm,) = hcms(cfg)
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names == [EXT_AUTHZ, "envoy.filters.http.ratelimit", "envoy.filters.http.router"]
+    rl = hcm["http_filters"][1]["typed_config"]
+    assert rl["failure_mode_deny"] is False
+    assert rl["domain"] == "entra-authz"
+    assert rl["rate_limit_service"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "ratelimit"
+    assert "http2_protocol_options" in yaml.safe_dump(cluster(cfg, "ratelimit"))
+    keys = set()
+    routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+    limited = [r for r in routes if "rate_limits" in r.get("route", {})]
+    assert limited
+    for route in limited:
+        for limit in route["route"]["rate_limits"]:
+            for action in limit["actions"]:
+                assert list(action) == ["metadata"], action  # no request_headers, no remote_address
+                meta = action["metadata"]
+                assert meta["metadata_key"]["key"] == EXT_AUTHZ
+                assert meta["metadata_key"]["path"] == [{"key": meta["descriptor_key"]}]
+                keys.add(meta["descriptor_key"])
+    assert keys == {"api", "oid", "azp", "tid"}
+    service = yaml.safe_load((ENVOY_DIR / "ratelimit-service-config.yaml").read_text())
+    assert service["domain"] == rl["domain"]
+    known = {d["key"] for d in walk(service["descriptors"]) if "key" in d}
+    assert keys <= known

@@ -191,6 +191,10 @@ def exposition(envoy_exposition: dict[str, set[str]]) -> dict[str, set[str]]:
     metrics.reloads.labels("ok").inc()
     metrics.internal_errors.labels("grpc").inc()
     metrics.ready.set(1)
+    metrics.sync_ratelimit({("orders", "read", "per-user", "enforce"): 1}, 1)
+    metrics.on_ratelimit_sync("ok", 3, 1)
+    metrics.on_redis_state(True)  # registered only when redis: is configured
+    metrics.on_redis_error("ratelimit_sync")
     text = prom.generate_latest(registry).decode()
     return {**_families(text), **envoy_exposition}
 
