@@ -36,6 +36,9 @@ INVENTORY_API_ID = "cccccccc-0000-4000-8000-00000000000c"
 CLIENT_APP = "bbbbbbbb-0000-4000-8000-00000000000b"
 OTHER_APP = "dddddddd-0000-4000-8000-00000000000d"
 ADMINS_GROUP = "33333333-3333-4333-8333-333333333333"
+# The revocation admin API of the stack: tokens for this audience with this app role manage it.
+ADMIN_AUDIENCE = "api://authz-admin"
+ADMIN_ROLE = "Authz.Revocations.Manage"
 
 # The built-in configuration of the demo and the e2e tests: two APIs behind one authz service,
 # each route kind once. {instance} is the dev IdP's base URL.
@@ -132,9 +135,27 @@ apis:
 """
 
 
-def stack_config(instance: str, *, unknown_kid_interval: float = 300) -> str:
-    """The built-in configuration, pointed at a dev IdP's base URL."""
-    return STACK_CONFIG.format(
+REVOCATION_CONFIG = """\
+revocation:
+  file: "{file}"
+  poll_interval_seconds: 0.2
+  admin_api:
+    enabled: true
+    audiences: ["{audience}"]
+    issuers: [contoso]
+    role: {role}
+"""
+
+
+def stack_config(
+    instance: str, *, unknown_kid_interval: float = 300, revocations: str | Path = ""
+) -> str:
+    """The built-in configuration, pointed at a dev IdP's base URL; with ``revocations`` (a
+    file path) also the revocation file and its admin API."""
+    extra = ""
+    if revocations:
+        extra = REVOCATION_CONFIG.format(file=revocations, audience=ADMIN_AUDIENCE, role=ADMIN_ROLE)
+    return extra + STACK_CONFIG.format(
         instance=instance,
         contoso=CONTOSO,
         fabrikam=FABRIKAM,
@@ -251,7 +272,25 @@ class Stack:
     def render_config(self) -> str:
         if self.config_text is not None:
             return self.config_text.replace("{instance}", self.idp.base_url)
-        return stack_config(self.idp.base_url, unknown_kid_interval=self.unknown_kid_interval)
+        return stack_config(
+            self.idp.base_url,
+            unknown_kid_interval=self.unknown_kid_interval,
+            revocations=self.revocations_path,
+        )
+
+    @property
+    def revocations_path(self) -> Path:
+        return self.workdir / "revocations.json"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['admin']}"
+
+    def admin_token(self, **kw: Any) -> str:
+        """A token for the revocation admin API (with its app role unless ``roles`` says)."""
+        kw.setdefault("aud", ADMIN_AUDIENCE)
+        kw.setdefault("roles", (ADMIN_ROLE,))
+        return self.idp.mint(**kw)
 
     def authz_env(self) -> dict[str, str]:
         env = dict(os.environ)
