@@ -32,7 +32,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from authz.policy.headers import METHOD_OVERRIDE_HEADERS
-from authz.policy.revocation import DEFAULT_MAX_RULE_LIFETIME_S
 from authz.policy.model import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -46,6 +45,7 @@ from authz.policy.model import (
     TokenKind,
     TokenSettings,
 )
+from authz.policy.revocation import DEFAULT_MAX_RULE_LIFETIME_S
 
 ENV_OVERRIDES = {
     "AUTHZ_GRPC_LISTEN": "grpc_listen",

@@ -90,7 +90,7 @@ def epoch(value: Any) -> int:
     """A rule time: Unix seconds, or ISO 8601 with a zone (``2026-12-03T10:00:00Z``), or a YAML
     timestamp with a zone."""
     if isinstance(value, bool):
-        raise ValueError("expected a time, not true/false")
+        raise ValueError("expected a time, not true/false")  # noqa: TRY004 (pydantic wants it)
     if isinstance(value, int):
         if not 0 <= value < 2**33:
             raise ValueError("expected Unix seconds between 1970 and 2242")
@@ -155,7 +155,9 @@ def rules_from_document(
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise RevocationFileError([*problems, "(top level): expected a mapping {rules: [...]}"], source)
+        raise RevocationFileError(
+            [*problems, "(top level): expected a mapping {rules: [...]}"], source
+        )
     try:
         doc = _File.model_validate(data)
     except ValidationError as e:
@@ -203,9 +205,7 @@ def rule_from_fields(fields: Mapping[str, Any]) -> RevocationRule:
     return RevocationRule(**kw)
 
 
-def new_rule(
-    data: Any, *, now: float, max_lifetime_s: float, created_by: str
-) -> RevocationRule:
+def new_rule(data: Any, *, now: float, max_lifetime_s: float, created_by: str) -> RevocationRule:
     """A rule as the admin API and ``authz revoke add`` take it: the file's fields, plus
     ``expires_in`` (seconds from now) instead of ``expires_at``, ``issued_before: "now"``, and
     ``id`` optional (generated). ``created_at``/``created_by`` are set here, never taken from the

@@ -154,9 +154,7 @@ def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     url = args.url.rstrip("/") + "/admin/revocations" + path
     headers = {"authorization": f"Bearer {_token(args)}"}
     try:
-        r = httpx.request(
-            method, url, json=body, headers=headers, timeout=10, trust_env=False
-        )
+        r = httpx.request(method, url, json=body, headers=headers, timeout=10, trust_env=False)
     except httpx.HTTPError as e:
         raise _Usage(f"cannot reach {args.url}: {e}") from None
     try:

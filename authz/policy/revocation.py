@@ -159,7 +159,10 @@ def rule_problems(
     out: list[tuple[str, str]] = []
     if not RULE_ID_RE.fullmatch(rule.id):
         out.append(
-            ("id", "expected 1-128 letters, digits, '_', '.', ':' or '-' starting with a letter or digit")
+            (
+                "id",
+                "expected 1-128 letters, digits, '_', '.', ':' or '-', first a letter or digit",
+            )
         )
     if not rule.matchers:
         out.append(("(rule)", f"name at least one of {', '.join(MATCHERS)} (or appid)"))

@@ -88,7 +88,9 @@ def at(now: float) -> Any:
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v),
 )
-def test_a_rule_matches_when_every_named_claim_equals(fields: dict[str, str], matches: bool) -> None:
+def test_a_rule_matches_when_every_named_claim_equals(
+    fields: dict[str, str], matches: bool
+) -> None:
     rules = RevocationSet([rule(**fields)])
     assert bool(rules.match(who(), at(NOW))) is matches
 
@@ -296,7 +298,10 @@ def test_no_challenge_a_new_token_cannot_satisfy(rules: list[RevocationRule]) ->
 
 CONFIG = """
 issuers:
-  - {name: contoso, instance: "https://login.example.test", tenant: "11111111-1111-4111-8111-111111111111", versions: ["1.0", "2.0"]}
+  - name: contoso
+    instance: "https://login.example.test"
+    tenant: "11111111-1111-4111-8111-111111111111"
+    versions: ["1.0", "2.0"]
 apis:
   - name: orders
     audiences: ["api://orders"]
@@ -370,7 +375,11 @@ def test_a_cp1_client_gets_the_claims_challenge_through_the_engine(
         'Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/'
         f'authorize", error="insufficient_claims", claims="{claims}"'
     )
-    assert json.loads(d.body) == {"error": "insufficient_claims", "code": "token_revoked", "request_id": ""}
+    assert json.loads(d.body) == {
+        "error": "insufficient_claims",
+        "code": "token_revoked",
+        "request_id": "",
+    }
 
 
 def test_a_token_issued_after_issued_before_passes(
@@ -407,7 +416,9 @@ def test_an_expired_rule_restores_access(
     env: SimpleNamespace, memory_keys: Any, minter: Any
 ) -> None:
     settings = authz_config.parse(CONFIG, env={})
-    verifier = TokenVerifier(settings.tokens, env.ISSUERS, memory_keys, clock=lambda: float(env.NOW))
+    verifier = TokenVerifier(
+        settings.tokens, env.ISSUERS, memory_keys, clock=lambda: float(env.NOW)
+    )
     now = [float(env.NOW)]
     holder = Holder()
     holder.current = RevocationSet([rule(oid=env.USER_OID, expires_at=env.NOW + 30)])
@@ -422,5 +433,7 @@ def test_an_engine_without_revocations_allows(
     env: SimpleNamespace, memory_keys: Any, minter: Any
 ) -> None:
     settings = authz_config.parse(CONFIG, env={})
-    verifier = TokenVerifier(settings.tokens, env.ISSUERS, memory_keys, clock=lambda: float(env.NOW))
+    verifier = TokenVerifier(
+        settings.tokens, env.ISSUERS, memory_keys, clock=lambda: float(env.NOW)
+    )
     assert check(Engine(settings, verifier), minter.token(aud="api://orders")).allowed
