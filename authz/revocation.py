@@ -120,10 +120,10 @@ class _Rule(config_mod._Model):
     tid: StrictStr = ""
     uti: StrictStr = ""
     sid: StrictStr = ""
-    issued_before: Any = None
+    issued_before: Any = 0  # validators do not run on defaults: 0 is already the answer
     reason: StrictStr
     expires_at: Any
-    created_at: Any = None
+    created_at: Any = 0
     created_by: StrictStr = ""
 
     @field_validator("issued_before", "created_at")
@@ -207,7 +207,8 @@ def rule_from_fields(fields: Mapping[str, Any]) -> RevocationRule:
 
 def new_rule(data: Any, *, now: float, max_lifetime_s: float, created_by: str) -> RevocationRule:
     """A rule as the admin API and ``authz revoke add`` take it: the file's fields, plus
-    ``expires_in`` (seconds from now) instead of ``expires_at``, ``issued_before: "now"``, and
+    ``expires_in`` (seconds from now) instead of ``expires_at``, ``issued_before: "now"`` (every
+    token issued up to this second), and
     ``id`` optional (generated). ``created_at``/``created_by`` are set here, never taken from the
     caller. Problems are named ``rule.<key>``."""
     if not isinstance(data, dict):
@@ -228,7 +229,9 @@ def new_rule(data: Any, *, now: float, max_lifetime_s: float, created_by: str) -
         else:
             d["expires_at"] = int(now) + seconds
     if d.get("issued_before") == "now":
-        d["issued_before"] = int(now)
+        # iat has one-second granularity: "now" includes a token issued in this very second
+        # (fail closed); a token fetched from the next second on passes.
+        d["issued_before"] = int(now) + 1
     if problems:
         raise RevocationFileError(problems)
     d["created_at"], d["created_by"] = int(now), created_by

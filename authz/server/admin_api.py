@@ -133,6 +133,9 @@ class RevocationApi:
         except OSError as e:
             log.error("admin API: cannot write the revocation file: %s", e)
             return _error(503, "temporarily_unavailable", "cannot write the revocation file")
+        except Exception:
+            log.exception("admin API request failed")
+            return _error(503, "internal_error", "unexpected error")
         if rule_id and "/" in rule_id:
             return _error(404, "not_found", "no such resource")
         allow = "GET, POST" if rule_id == "" else "GET, DELETE"
