@@ -99,7 +99,7 @@ MEANING: dict[Code, str] = {
     Code.NO_SCOPE_OR_ROLE: "the token has neither 'scp' nor 'roles' (e.g. an ID token)",
     Code.APP_TOKEN_WITHOUT_ROLES: "an app-only token without 'roles'",
     Code.AUTH_CONTEXT_REQUIRED: "the route needs a Conditional Access auth context ('acrs')",
-    Code.TOKEN_REVOKED: "the token matches a revocation rule (see docs/revocation.md)",
+    Code.TOKEN_REVOKED: "the token matches a revocation rule (revoked by an administrator)",
     Code.UNKNOWN_API: "the request could not be assigned to a configured API",
     Code.NO_MATCHING_ROUTE: "no route of the API matches the method and path",
     Code.MISSING_ROLE: "the token lacks the role(s) the route requires",
