@@ -268,9 +268,7 @@ def _curl_examples(stack: Stack) -> str:
     writer = stack.mint(scp="Orders.Read", roles=("Orders.Write",))
     admin = stack.admin_token()
     u = stack.url
-    rule = (
-        '{"oid":"' + REVOKED_OID + '","issued_before":"now","expires_in":600,"reason":"try it"}'
-    )
+    rule = '{"oid":"' + REVOKED_OID + '","issued_before":"now","expires_in":600,"reason":"try it"}'
     return "\n".join(
         [
             "Try it (tokens are valid for one hour; new ones every 30 minutes):",

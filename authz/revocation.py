@@ -58,7 +58,7 @@ FILE_SOURCE = "file"
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_RULES = 1_000_000
 LOCK_TIMEOUT_S = 5.0
-PRUNE_INTERVAL_S = 60.0
+PRUNE_INTERVAL_S = 30.0
 _AUDIT_IDS = 50  # rule ids listed per audit line (the count is always complete)
 
 Audit = Callable[..., None]  # AuditLog.event(event, **fields)
@@ -418,7 +418,11 @@ class StoreObserver(Protocol):
 
 
 class RevocationStore:
-    """Named sources of rules merged into ``current``, the snapshot the engine reads."""
+    """Named sources of rules merged into ``current``, the snapshot the engine reads.
+
+    Only the event loop's thread changes it. Building the snapshot of a large list takes a
+    while (~0.3 s for 100 000 rules), so the async paths build it in a worker thread and swap
+    it in on the loop; a build that raced with another source's change is redone."""
 
     def __init__(
         self,
@@ -429,25 +433,52 @@ class RevocationStore:
     ) -> None:
         self.current = RevocationSet()
         self._sources: dict[str, tuple[RevocationRule, ...]] = {}
+        self._version = 0
         self._audit = audit
         self._observer = observer
         self._clock = clock
-        self._last_prune = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
 
     def replace(self, source: str, rules: Sequence[RevocationRule], *, via: str = "") -> None:
-        """Swap one source's rules and rebuild the snapshot; audits what changed."""
-        old = self._sources.get(source, ())
-        new = tuple(rules)
-        self._sources[source] = new
-        self._rebuild()
+        """Swap one source's rules and rebuild the snapshot here (startup, small lists)."""
+        merged = {**self._sources, source: tuple(rules)}
+        self._install(merged, _build(merged), changed=source, via=via)
+
+    async def replace_async(
+        self, source: str, rules: Sequence[RevocationRule], *, via: str = ""
+    ) -> None:
+        """``replace`` with the snapshot built in a worker thread."""
+        for _ in range(3):
+            version = self._version
+            merged = {**self._sources, source: tuple(rules)}
+            built = await asyncio.to_thread(_build, merged)
+            if version == self._version:
+                self._install(merged, built, changed=source, via=via)
+                return
+        self.replace(source, rules, via=via)  # pragma: no cover - three races in a row
+
+    def _install(
+        self,
+        merged: dict[str, tuple[RevocationRule, ...]],
+        built: RevocationSet,
+        *,
+        changed: str,
+        via: str,
+    ) -> None:
+        old = self._sources.get(changed, ())
+        new = merged[changed]
+        self._sources = merged
+        self.current = built  # the swap: a check reads one snapshot or the other
+        self._version += 1
         if self._observer is not None:
-            self._observer.on_revocation_rules(source, len(new))
+            for name, rules in merged.items():
+                self._observer.on_revocation_rules(name, len(rules))
         old_ids, new_ids = {r.id for r in old}, {r.id for r in new}
         added, removed = sorted(new_ids - old_ids), sorted(old_ids - new_ids)
         if (added or removed) and self._audit is not None:
             self._audit(
                 "revocation_rules_changed",
-                source=source,
+                source=changed,
                 via=via,
                 rules=len(new),
                 added=added[:_AUDIT_IDS],
@@ -462,24 +493,49 @@ class RevocationStore:
     def find(self, rule_id: str) -> list[tuple[str, RevocationRule]]:
         return [(s, r) for s, rules in self._sources.items() for r in rules if r.id == rule_id]
 
-    def prune(self, *, force: bool = False) -> None:
-        """Drop expired rules from every source and the snapshot, at most once per
-        ``PRUNE_INTERVAL_S`` unless ``force`` (lookups ignore expired rules anyway: this frees
-        them, and a rebuild of a large set is not free)."""
+    async def prune(self) -> bool:
+        """Drop expired rules from every source and the snapshot (lookups ignore them anyway:
+        this frees them). True when something was dropped."""
         now = self._clock()
         if not self.current.rules or self.current.next_expiry > now:
-            return
-        if not force and time.monotonic() - self._last_prune < PRUNE_INTERVAL_S:
-            return
-        self._last_prune = time.monotonic()
-        for name, rules in list(self._sources.items()):
-            self._sources[name] = tuple(r for r in rules if r.expires_at > now)
-            if self._observer is not None:
-                self._observer.on_revocation_rules(name, len(self._sources[name]))
-        self._rebuild()
+            return False
+        version = self._version
+        kept = {
+            n: tuple(r for r in rules if r.expires_at > now) for n, rules in self._sources.items()
+        }
+        built = await asyncio.to_thread(_build, kept)
+        if version != self._version:
+            return False  # a source changed meanwhile; the next round prunes
+        self._sources = kept
+        self.current = built
+        self._version += 1
+        if self._observer is not None:
+            for name, rules in kept.items():
+                self._observer.on_revocation_rules(name, len(rules))
+        return True
 
-    def _rebuild(self) -> None:
-        self.current = RevocationSet(r for rules in self._sources.values() for r in rules)
+    def start_background(self, interval_s: float = PRUNE_INTERVAL_S) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(interval_s), name="authz.revocation:prune")
+
+    async def _run(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.prune()
+            except Exception:  # pragma: no cover - nothing in prune is expected to fail
+                log.exception("pruning expired revocation rules failed")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+def _build(sources: Mapping[str, tuple[RevocationRule, ...]]) -> RevocationSet:
+    return RevocationSet(r for rules in sources.values() for r in rules)
 
 
 class ReloadObserver(Protocol):
@@ -528,9 +584,16 @@ class FileFeed:
         return Prepared(stamp, rules, expired, exists)
 
     def commit(self, prepared: Prepared, *, via: str) -> None:
-        """Put prepared rules in force."""
+        """Put prepared rules in force (the snapshot built here: startup, reloads)."""
         self._stamp = prepared.stamp
-        self._apply(prepared.rules, prepared.expired, prepared.exists, via=via)
+        self.store.replace(FILE_SOURCE, prepared.rules, via=via)
+        self._loaded(prepared)
+
+    async def commit_async(self, prepared: Prepared, *, via: str) -> None:
+        """``commit`` with the snapshot built in a worker thread."""
+        self._stamp = prepared.stamp
+        await self.store.replace_async(FILE_SOURCE, prepared.rules, via=via)
+        self._loaded(prepared)
 
     def load_now(self) -> None:
         """The first load (startup, blocking): raises RevocationFileError on a bad file, so a
@@ -556,19 +619,18 @@ class FileFeed:
                 self._count("error")
                 log.error("revocation file reload failed; the previous rules stay: %s", e)
                 return False
-            self.commit(prepared, via=via)
+            await self.commit_async(prepared, via=via)
             return True
 
-    def _apply(self, rules: list[RevocationRule], expired: int, exists: bool, *, via: str) -> None:
-        if not exists:
+    def _loaded(self, prepared: Prepared) -> None:
+        if not prepared.exists:
             log.warning("revocation file %s does not exist: no file rules", self.path)
-        self.store.replace(FILE_SOURCE, rules, via=via)
         self._count("ok")
         log.info(
             "revocation rules from %s: %d in force (%d expired dropped)",
             self.path,
-            len(rules),
-            expired,
+            len(prepared.rules),
+            prepared.expired,
         )
 
     def _count(self, result: str) -> None:
@@ -579,13 +641,13 @@ class FileFeed:
         async with self._lock:
             rules = await asyncio.to_thread(self.source.add, rule)
             self._stamp = self.source.stamp()
-            self.store.replace(FILE_SOURCE, rules, via=via)
+            await self.store.replace_async(FILE_SOURCE, rules, via=via)
 
     async def remove(self, rule_id: str, *, via: str) -> RevocationRule:
         async with self._lock:
             doomed, rules = await asyncio.to_thread(self.source.remove, rule_id)
             self._stamp = self.source.stamp()
-            self.store.replace(FILE_SOURCE, rules, via=via)
+            await self.store.replace_async(FILE_SOURCE, rules, via=via)
             return doomed
 
     def start_background(self) -> None:

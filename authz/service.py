@@ -150,6 +150,7 @@ class Service:
         self._state.keys.start_background()
         if self.revocation_file is not None:
             self.revocation_file.start_background()
+        self.revocations.start_background()
         self.metrics.config_last_success.set(time.time())
         self.metrics.ready.set(1 if self.ready else 0)
 
@@ -161,6 +162,7 @@ class Service:
         await asyncio.gather(*self._retiring, return_exceptions=True)
         if self.revocation_file is not None:
             await self.revocation_file.close()
+        await self.revocations.close()
         await self._state.keys.close(drain=False)
         if self._owns_client:
             await self._client.aclose()
@@ -234,10 +236,8 @@ class Service:
         return self._state.engine.check(attrs)
 
     def housekeeping(self) -> None:
-        """Periodic, off the check path: fold cache counters into metrics, flush the audit log,
-        prune expired revocation rules (rate-limited inside)."""
+        """Periodic, off the check path: fold cache counters into metrics, flush the audit log."""
         self.sync_cache_metrics()
-        self.revocations.prune()
         self.sync_key_metrics()
         self.audit.flush()
 
@@ -317,9 +317,9 @@ class Service:
             await old.close()
         self.revocation_file = feed
         if feed is None:
-            self.revocations.replace(FILE_SOURCE, (), via="reload")
+            await self.revocations.replace_async(FILE_SOURCE, (), via="reload")
         elif prepared is not None:
-            feed.commit(prepared, via="reload")
+            await feed.commit_async(prepared, via="reload")
             feed.start_background()
 
     def _retire(self, keys: KeyStore) -> None:

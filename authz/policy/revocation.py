@@ -202,8 +202,11 @@ class RevocationSet:
         self.rules: tuple[RevocationRule, ...] = tuple(rules)
         index: dict[str, dict[str, list[RevocationRule]]] = {name: {} for name in MATCHERS}
         for rule in self.rules:
-            name, value = rule.matchers[0]  # rules without matchers never pass validation
-            index[name].setdefault(value, []).append(rule)
+            for name in MATCHERS:  # the first claim the rule names (validation demands one)
+                value = getattr(rule, name)
+                if value:
+                    index[name].setdefault(value, []).append(rule)
+                    break
         probes: list[tuple[Callable[[Principal], str], Mapping[str, tuple[RevocationRule, ...]]]]
         probes = []
         for name in MATCHERS:

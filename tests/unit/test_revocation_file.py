@@ -353,19 +353,27 @@ def test_the_store_merges_sources_and_audits_changes() -> None:
     assert seen.rules == {"file": 1, "redis": 1}
 
 
-def test_the_store_prunes_expired_rules() -> None:
+async def test_the_store_prunes_expired_rules() -> None:
     now = [float(NOW)]
     seen = Events()
     store = RevocationStore(observer=seen, clock=lambda: now[0])
     store.replace("file", [rule("a", expires_at=NOW + 5), rule("b")])
-    store.prune(force=True)
-    assert len(store.current) == 2  # nothing expired yet
-    now[0] = NOW + 5
-    store.prune()  # rate-limited: a large rebuild at most once a minute
+    assert await store.prune() is False  # nothing expired yet
     assert len(store.current) == 2
-    store.prune(force=True)
+    now[0] = NOW + 5
+    assert await store.prune() is True
     assert [r.id for r in store.current.rules] == ["b"]
+    assert [r.id for r in store.sources()["file"]] == ["b"]
     assert seen.rules == {"file": 1}
+
+
+async def test_a_threaded_build_swaps_in_the_merged_snapshot() -> None:
+    seen = Events()
+    store = RevocationStore(audit=seen)
+    store.replace("redis", [rule("b", uti="u")])
+    await store.replace_async("file", [rule("a")], via="poll")
+    assert {r.id for r in store.current.rules} == {"a", "b"}
+    assert seen.events[-1][1]["added"] == ["a"]
 
 
 # ------------------------------------------------------------------------ config section
