@@ -33,9 +33,8 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any, Protocol
 
 from authz.policy.errors import ClaimsChallenge, Code, Unauthenticated
@@ -193,10 +192,17 @@ def rule_problems(
     return out
 
 
+_NO_BOUND = 1 << 62  # a bucket holding a rule without issued_before: any iat may match
+
+# (latest issued_before of the bucket's rules, or _NO_BOUND; the rules): a token issued at or
+# after the bound passes every rule of the bucket, so the bucket costs one comparison.
+_Bucket = tuple[int, tuple[RevocationRule, ...]]
+
+
 class RevocationSet:
     """An immutable, indexed snapshot of rules. ``match`` is what the engine calls per check."""
 
-    __slots__ = ("_probes", "next_expiry", "rules")
+    __slots__ = ("_azp", "_empty", "_oid", "_sid", "_sub", "_tid", "_uti", "next_expiry", "rules")
 
     def __init__(self, rules: Iterable[RevocationRule] = ()) -> None:
         self.rules: tuple[RevocationRule, ...] = tuple(rules)
@@ -207,13 +213,13 @@ class RevocationSet:
                 if value:
                     index[name].setdefault(value, []).append(rule)
                     break
-        probes: list[tuple[Callable[[Principal], str], Mapping[str, tuple[RevocationRule, ...]]]]
-        probes = []
-        for name in MATCHERS:
-            if index[name]:
-                frozen = {value: tuple(rules) for value, rules in index[name].items()}
-                probes.append((_GETTERS[name], frozen))
-        self._probes = tuple(probes)
+        frozen: dict[str, dict[str, _Bucket]] = {
+            name: {value: (_bound(found), tuple(found)) for value, found in index[name].items()}
+            for name in MATCHERS
+        }
+        self._uti, self._sid, self._oid = frozen["uti"], frozen["sid"], frozen["oid"]
+        self._sub, self._azp, self._tid = frozen["sub"], frozen["azp"], frozen["tid"]
+        self._empty = not self.rules
         self.next_expiry = min((r.expires_at for r in self.rules), default=0)
 
     def __len__(self) -> int:
@@ -224,19 +230,37 @@ class RevocationSet:
     ) -> tuple[RevocationRule, ...]:
         """The unexpired rules that revoke ``p``'s token; () when none does. The clock is read
         only when some rule matched (the common check never pays for it)."""
+        if self._empty:
+            return ()
+        # One probe per claim kind in use, written out: this runs on every check.
         found: list[RevocationRule] | None = None
-        for get, index in self._probes:
-            bucket = index.get(get(p))
-            if bucket is not None:
-                for rule in bucket:
-                    if rule.matches(p):
-                        if found is None:
-                            found = []
-                        found.append(rule)
+        if self._uti and (bucket := self._uti.get(p.uti)) is not None:
+            found = _scan(bucket, p, found)
+        if self._sid:
+            sid = p.claims.get("sid")
+            if sid.__class__ is str and (bucket := self._sid.get(sid)) is not None:
+                found = _scan(bucket, p, found)
+        if self._oid and (bucket := self._oid.get(p.oid)) is not None:
+            found = _scan(bucket, p, found)
+        if self._sub and (bucket := self._sub.get(p.sub)) is not None:
+            found = _scan(bucket, p, found)
+        if self._azp and (bucket := self._azp.get(p.client_id)) is not None:
+            found = _scan(bucket, p, found)
+        if self._tid and (bucket := self._tid.get(p.tid)) is not None:
+            found = _scan(bucket, p, found)
         if found is None:
             return ()
         now = clock()
         return tuple(rule for rule in found if rule.expires_at > now)
+
+    def probed(self) -> tuple[str, ...]:
+        """The claim kinds a lookup probes (those some rule is filed under)."""
+        return tuple(name for name in MATCHERS if getattr(self, "_" + name))
+
+    def bucket(self, claim: str, value: str) -> tuple[RevocationRule, ...]:
+        """The rules filed under (claim, value): what a token with that value is compared to."""
+        entry: _Bucket | None = getattr(self, "_" + claim).get(value)
+        return () if entry is None else entry[1]
 
     def live(self, now: float) -> RevocationSet:
         """This set without the rules expired by ``now`` (itself when none has)."""
@@ -245,14 +269,27 @@ class RevocationSet:
         return RevocationSet(r for r in self.rules if r.expires_at > now)
 
 
-_GETTERS: dict[str, Callable[[Principal], str]] = {
-    "uti": attrgetter("uti"),
-    "sid": _sid,
-    "oid": attrgetter("oid"),
-    "sub": attrgetter("sub"),
-    "azp": attrgetter("client_id"),
-    "tid": attrgetter("tid"),
-}
+def _bound(rules: Sequence[RevocationRule]) -> int:
+    if any(not r.issued_before for r in rules):
+        return _NO_BOUND
+    return max(r.issued_before for r in rules)
+
+
+def _scan(
+    bucket: _Bucket, p: Principal, found: list[RevocationRule] | None
+) -> list[RevocationRule] | None:
+    bound, rules = bucket
+    if bound != _NO_BOUND:
+        iat = p.claims.get("iat")
+        if iat.__class__ is int and iat >= bound:
+            return found  # issued after every rule of the bucket: none can match
+    for rule in rules:
+        if rule.matches(p):
+            if found is None:
+                found = []
+            found.append(rule)
+    return found
+
 
 EMPTY = RevocationSet()
 

@@ -169,8 +169,32 @@ def test_the_index_files_each_rule_under_its_most_selective_claim() -> None:
     rules = RevocationSet([*many, spy])
     assert [r.id for r in rules.match(who(), at(NOW))] == ["mine"]
     assert compared == ["mine"]
-    assert rules._probes[0][1].keys() >= {OID}  # filed under oid, not tid
-    assert len(rules._probes) == 1  # only claim kinds in use are probed
+    assert rules.bucket("oid", OID) == (spy,)  # filed under oid, not tid
+    assert rules.bucket("tid", TID) == ()
+    assert rules.probed() == ("oid",)  # only claim kinds in use are probed
+
+
+def test_a_bucket_of_older_issued_before_rules_is_skipped_in_one_comparison() -> None:
+    """Rules filed under the token's own tenant, all for tokens issued before it: none is
+    compared in full (the bucket's latest issued_before is earlier than the token's iat)."""
+    compared: list[str] = []
+
+    class Spy(RevocationRule):
+        __slots__ = ()
+
+        def matches(self, p: Principal) -> bool:
+            compared.append(self.id)
+            return RevocationRule.matches(self, p)
+
+    old = [Spy(id=f"t{i}", reason="x", expires_at=NOW + 60, tid=TID, issued_before=NOW - 600 - i)
+           for i in range(3)]  # fmt: skip
+    rules = RevocationSet(old)
+    assert rules.match(who(), at(NOW)) == ()  # iat = NOW - 60
+    assert compared == []
+    assert rules.match(who(claims={"iat": NOW - 601}), at(NOW)) == (old[0],)
+    assert compared == ["t0", "t1", "t2"]  # one rule could match: the bucket is compared
+    mixed = RevocationSet([*old, Spy(id="all", reason="x", expires_at=NOW + 60, tid=TID)])
+    assert [r.id for r in mixed.match(who(), at(NOW))] == ["all"]
 
 
 # ----------------------------------------------------------------------------- validation
