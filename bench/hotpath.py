@@ -12,7 +12,8 @@ check (caches shared with Envoy, wrk and the backend on 2 cores): compare with t
 ``--revocations N`` also times the check with N revocation rules in force (none matches the
 bench token: 40 % on other users' oid, 30 % on token ids, 10 % on sub, 10 % on session ids,
 10 % on other clients with issued_before, plus 3 rules filed under the token's own tenant and
-client that are compared in full and do not match), side by side with revocation off.
+client, all for tokens issued before it), side by side with revocation off (an empty set):
+the median of paired off/on rounds, so that a busy machine's noise lands on both halves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import time
 import timeit
 import uuid
@@ -163,12 +165,26 @@ def _stages(service: Service, token: str) -> dict[str, float]:
     return out
 
 
-ROUNDS = 7  # interleaved off/on rounds; the delta (~1 µs) is small next to a busy machine's noise
+ROUNDS = 25  # paired off/on rounds; the delta (~1 µs) is small next to a busy machine's noise
+
+
+def _paired(fn: Callable[[], object], store: Any, rules: RevocationSet) -> tuple[float, float]:
+    """(median µs with revocation off, median of the paired on - off differences): each round
+    times off then on back to back, so a noisy neighbour lands on both halves of a pair."""
+    offs, deltas = [], []
+    for _ in range(ROUNDS):
+        store.current = EMPTY
+        off = min(timeit.repeat(fn, number=5000, repeat=3)) / 5000 * 1e6
+        store.current = rules
+        on = min(timeit.repeat(fn, number=5000, repeat=3)) / 5000 * 1e6
+        offs.append(off)
+        deltas.append(on - off)
+    store.current = EMPTY
+    return statistics.median(offs), statistics.median(deltas)
 
 
 def _revocation_stages(service: Service, token: str, n: int) -> dict[str, float]:
-    """The same cached check with revocation off and with ``n`` rules, interleaved (off, on,
-    off, on, ...) so that a busy machine's noise lands on both columns; the best of each."""
+    """The same cached check with revocation off (an empty set) and with ``n`` rules."""
     headers = MappingProxyType({"authorization": f"Bearer {token}", "host": "bench"})
     attrs = RequestAttrs(method="GET", path=PATH, host="bench", headers=headers, request_id="r-1")
     engine = service._state.engine
@@ -180,6 +196,8 @@ def _revocation_stages(service: Service, token: str, n: int) -> dict[str, float]
     rules = RevocationSet(listed)
     built = time.perf_counter() - built
     store = service.revocations
+    store.current = rules
+    assert service.check_now(attrs).allowed  # type: ignore[union-attr]  # none matches
     out: dict[str, float] = {"build": built * 1000}
     stages = {
         "Engine.check": lambda: engine.check(attrs),
@@ -187,17 +205,7 @@ def _revocation_stages(service: Service, token: str, n: int) -> dict[str, float]
         "RevocationSet.match alone": lambda: store.current.match(principal),
     }
     for name, fn in stages.items():
-        off, on = [], []
-        for _ in range(ROUNDS):
-            store.current = EMPTY
-            assert service.check_now(attrs).allowed  # type: ignore[union-attr]
-            off.append(best_us(fn))
-            store.current = rules
-            assert service.check_now(attrs).allowed  # type: ignore[union-attr]
-            on.append(best_us(fn))
-        out[f"{name}|off"] = min(off)
-        out[f"{name}|on"] = min(on)
-    store.current = EMPTY
+        out[f"{name}|off"], out[f"{name}|delta"] = _paired(fn, store, rules)
     return out
 
 
@@ -208,19 +216,15 @@ def main() -> None:
     results = uvloop.run(measure(args.revocations))
     if args.revocations:
         print(
-            f"µs per cached check, in-process, best of 5 x {ROUNDS} interleaved rounds; "
-            f"revocation off vs {args.revocations} rules (none matching):"
+            f"µs per cached check, in-process: median of {ROUNDS} paired rounds (off, then on; each"
+            f" the best of 3 x 5000); revocation off vs {args.revocations} rules (none matching):"
         )
         build = "build the RevocationSet (ms, once per change)"
         print(f"  {build:<46} {results.pop('build'):7.1f}")
         for key in [k for k in results if k.endswith("|off")]:
             name = key.removesuffix("|off")
-            off, on = results[key], results[f"{name}|on"]
-            print(f"  {name:<46} off {off:6.2f}  on {on:6.2f}  {100 * (on - off) / off:+5.1f} %")
-        added = results["RevocationSet.match alone|on"] - results["RevocationSet.match alone|off"]
-        base = results["Engine.check|off"]
-        share = 100 * added / base
-        print(f"  the lookup's added work as a share of a cached Engine.check: {share:.1f} %")
+            off, delta = results[key], results[f"{name}|delta"]
+            print(f"  {name:<46} off {off:6.2f}  +{delta:5.2f} µs  {100 * delta / off:+5.1f} %")
         return
     print("µs per operation, in-process, best of 5 (one cached HTTP check and its parts):")
     for name, us in results.items():
