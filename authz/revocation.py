@@ -6,7 +6,7 @@ the file source (format, validation, hot reload, atomic updates) and the audit o
     ├── "file"  FileFeed   a YAML or JSON file: polled (resolved path, inode, mtime, size) every
     │                      ``revocation.poll_interval_seconds`` and re-read on SIGHUP; parsed in a
     │                      thread; a bad file is rejected whole and the last good rules stay
-    └── (more sources)     e.g. a shared Redis feed: ``store.replace(name, rules)`` the same way
+    └── (more sources)     e.g. a shared Redis feed: ``store.replace_async(name, rules)``
 
 The check path never awaits any of this (the pattern of the key store): it reads
 ``store.current``. Expired rules never match (the snapshot checks expiry at lookup) and are
