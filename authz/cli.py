@@ -1,4 +1,4 @@
-"""The ``authz`` command: serve, check-config, explain, dev-idp, echo, demo.
+"""The ``authz`` command: serve, check-config, explain, revoke, dev-idp, echo, demo.
 
 Exit codes: 0 success, 1 a check/tour failed, 2 bad configuration or usage.
 
@@ -66,9 +66,30 @@ def _load_or_exit(path: str, *, logged: bool = False) -> config_mod.Settings | N
     return settings
 
 
+def _revocation_problem(settings: config_mod.Settings) -> str:
+    """Why the configured revocation file cannot be enforced, or "" (a missing file is fine:
+    no rules yet; the first ``authz revoke add`` creates it)."""
+    if not settings.revocation.file:
+        return ""
+    import time  # noqa: PLC0415
+
+    from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415
+
+    r = settings.revocation
+    try:
+        load_file(r.file, now=time.time(), max_lifetime_s=r.max_rule_lifetime_s)
+    except RevocationFileError as e:
+        return str(e)
+    return ""
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load_or_exit(args.config)
     if settings is None:
+        return 2
+    problem = _revocation_problem(settings)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     routes = sum(len(a.routes) for a in settings.apis)
     print(
@@ -84,6 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, json_format=not args.plain_logs)
     settings = _load_or_exit(args.config, logged=True)
     if settings is None:
+        return 2
+    problem = _revocation_problem(settings)
+    if problem:
+        log.error("%s; not starting", problem)
         return 2
     from authz.server import workers  # noqa: PLC0415
 
@@ -194,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the end-to-end demo (dev-idp, authz, Envoy, echo)")
     d.add_argument("--once", action="store_true", help="run the tour and exit (0 = all passed)")
     d.set_defaults(func=cmd_demo)
+
+    from authz import revocation_cli  # noqa: PLC0415
+
+    revocation_cli.register(sub)
 
     try:
         from authz.devidp import cli as devidp_cli  # noqa: PLC0415

@@ -49,6 +49,7 @@ from authz.policy.model import (
     TokenKind,
     TokenSettings,
 )
+from authz.policy.revocation import DEFAULT_MAX_RULE_LIFETIME_S
 
 ENV_OVERRIDES = {
     "AUTHZ_GRPC_LISTEN": "grpc_listen",
@@ -176,6 +177,26 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminApiSettings:
+    """The revocation admin API on the admin listener, protected by an Entra token (an app
+    role for the API named by ``audiences``/``issuers``), checked by our own engine."""
+
+    enabled: bool = False
+    audiences: frozenset[str] = frozenset()
+    issuers: tuple[str, ...] = ()
+    role: str = ""
+    max_body_bytes: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationSettings:
+    file: str = ""  # "" = no file source; relative paths are resolved against the config's dir
+    poll_interval_s: float = 1.0
+    max_rule_lifetime_s: float = float(DEFAULT_MAX_RULE_LIFETIME_S)
+    admin_api: AdminApiSettings = AdminApiSettings()
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     tokens: TokenSettings
@@ -186,6 +207,7 @@ class Settings:
     authorization_uri: str
     warnings: tuple[str, ...] = ()
     redis: RedisSettings = RedisSettings()
+    revocation: RevocationSettings = RevocationSettings()
 
     def issuer(self, name: str) -> IssuerSpec:
         for spec in self.issuers:
@@ -510,6 +532,23 @@ class _Redis(_Model):
         return v
 
 
+class _RevocationAdminApi(_Model):
+    enabled: bool = False
+    audiences: StrList = Field(default_factory=list)
+    issuers: StrList = Field(default_factory=list)
+    role: StrictStr = ""
+    max_body_bytes: int = Field(default=65536, ge=1024, le=1_048_576)
+
+
+class _Revocation(_Model):
+    file: StrictStr = ""
+    poll_interval_seconds: float = Field(default=1.0, ge=0.1, le=60)
+    max_rule_lifetime_seconds: float = Field(
+        default=float(DEFAULT_MAX_RULE_LIFETIME_S), ge=60, le=7 * 86400
+    )
+    admin_api: _RevocationAdminApi = Field(default_factory=_RevocationAdminApi)
+
+
 class _Root(_Model):
     server: _Server = Field(default_factory=_Server)
     tokens: _Tokens = Field(default_factory=_Tokens)
@@ -519,6 +558,7 @@ class _Root(_Model):
     authorization_uri: StrictStr = "https://login.microsoftonline.com/common/oauth2/authorize"
     redis: _Redis = Field(default_factory=_Redis)
     apis: list[_Api] = Field(min_length=1)
+    revocation: _Revocation = Field(default_factory=_Revocation)
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -657,6 +697,45 @@ def _issuer(m: _Issuer, i: int, problems: list[str]) -> IssuerSpec:
         fetch_timeout_s=m.fetch_timeout_seconds,
         metadata_query=m.metadata_query,
         max_key_age_s=m.max_key_age_seconds,
+    )
+
+
+ROLE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,119}")
+
+
+def _revocation(
+    m: _Revocation, issuer_names: set[str], source: str, problems: list[str]
+) -> RevocationSettings:
+    """The ``revocation:`` section; the admin API needs a file to write to, an app role and
+    the API (audiences, issuers) whose tokens may carry it."""
+    path = m.file
+    if path and source and not os.path.isabs(path):
+        path = os.path.join(os.path.dirname(os.path.abspath(source)), path)
+    a = m.admin_api
+    where = "revocation.admin_api"
+    if a.enabled:
+        if not m.file:
+            problems.append(f"{where}.enabled: needs revocation.file (where added rules are kept)")
+        if not a.audiences:
+            problems.append(f"{where}.audiences: required when enabled (the admin API's app id)")
+        if not a.issuers:
+            problems.append(f"{where}.issuers: required when enabled")
+        if not ROLE_RE.fullmatch(a.role):
+            problems.append(f"{where}.role: required when enabled: the app role, e.g. Authz.Revoke")
+    for j, name in enumerate(a.issuers):
+        if name not in issuer_names:
+            problems.append(f"{where}.issuers[{j}]: no issuer named {name!r} is configured")
+    return RevocationSettings(
+        file=path,
+        poll_interval_s=m.poll_interval_seconds,
+        max_rule_lifetime_s=m.max_rule_lifetime_seconds,
+        admin_api=AdminApiSettings(
+            enabled=a.enabled,
+            audiences=frozenset(a.audiences),
+            issuers=tuple(a.issuers),
+            role=a.role,
+            max_body_bytes=a.max_body_bytes,
+        ),
     )
 
 
@@ -841,6 +920,7 @@ def from_mapping(
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"issuers: duplicate issuer name {dup!r}")
     contract = _contract(root.headers, problems)
+    revocation = _revocation(root.revocation, set(names), source, problems)
     apis = tuple(_api(m, i, set(names), contract, problems) for i, m in enumerate(root.apis))
     api_names = [a.name for a in apis]
     for dup in sorted({n for n in api_names if api_names.count(n) > 1}):
@@ -891,6 +971,7 @@ def from_mapping(
             timeout_s=r.timeout_seconds,
             sync_interval_s=r.sync_interval_seconds,
         ),
+        revocation=revocation,
     )
 
 

@@ -3,8 +3,8 @@
 Starts the dev IdP, the authz server, a real Envoy and the echo backend (``authz.devstack``),
 walks a scripted tour through Envoy — allow with the identity headers the backend received, 401
 with its challenge, 403, forged identity headers dropped, a 429 once a caller exceeds its rate
-limit (counted in a real redis-server, as every replica would share it) — then keeps serving and
-prints
+limit (counted in a real redis-server, as every replica would share it), a token revoked through
+the admin API and restored — then keeps serving and prints
 ready-to-paste curl commands until Ctrl-C. ``--once`` runs the tour and exits 0 only if every
 step gave the expected answer. Dev tooling: imports ``authz.devidp``.
 """
@@ -21,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from authz.devidp import FABRIKAM
-from authz.devstack import CLIENT_APP, Reply, Stack
+from authz.devstack import ADMIN_ROLE, CLIENT_APP, Reply, Stack
 
 CONTRACT = ("x-user-id", "x-tenant-id", "x-client-id", "x-roles", "x-scopes", "x-token-kind")
 
@@ -37,6 +39,7 @@ class Step:
     headers: tuple[tuple[str, str], ...] = ()
     check: Callable[[Reply], str | None] = lambda r: None  # extra check: None = ok, else why
     before: int = 0  # identical requests sent first (each must be allowed), e.g. to use a quota
+    setup: Callable[[Stack], str] | None = None  # done before the request; returns what it did
 
 
 def _identity(r: Reply) -> str:
@@ -72,6 +75,63 @@ def _rate_limited(r: Reply) -> str | None:
 def _challenge(r: Reply) -> str | None:
     www = r.headers.get("www-authenticate", "")
     return None if www.startswith("Bearer realm=") else f"unexpected WWW-Authenticate {www!r}"
+
+
+# The revocation steps share one user's token: allowed (its claims cached), revoked, restored.
+REVOKED_OID = "e0e0e0e0-0000-4000-8000-00000000000e"
+REVOKED_RULE = "demo-stolen-laptop"
+_held: dict[str, str] = {}
+
+
+def _victim(stack: Stack) -> str:
+    if "victim" not in _held:
+        _held["victim"] = stack.mint(scp="Orders.Read", oid=REVOKED_OID)
+    return _held["victim"]
+
+
+def _admin(stack: Stack, method: str, path: str = "", body: object = None) -> httpx.Response:
+    token = stack.admin_token(oid="a0a0a0a0-0000-4000-8000-00000000000a")
+    return httpx.request(
+        method,
+        f"{stack.admin_url}/admin/revocations{path}",
+        json=body,
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+        trust_env=False,
+    )
+
+
+def _revoke(stack: Stack) -> str:
+    _held.clear()
+    first = stack.request("GET", "/orders/7", token=_victim(stack))
+    r = _admin(
+        stack,
+        "POST",
+        body={
+            "id": REVOKED_RULE,
+            "oid": REVOKED_OID,
+            "issued_before": "now",
+            "expires_in": 600,
+            "reason": "demo: laptop reported stolen",
+        },
+    )
+    return (
+        f"GET /orders/7 -> {first.status} (claims now cached); POST /admin/revocations "
+        f"with an admin token (app role {ADMIN_ROLE}) -> {r.status_code}"
+    )
+
+
+def _restore(stack: Stack) -> str:
+    r = _admin(stack, "DELETE", f"/{REVOKED_RULE}")
+    return f"DELETE /admin/revocations/{REVOKED_RULE} -> {r.status_code}"
+
+
+def _code(code: str) -> Callable[[Reply], str | None]:
+    def check(r: Reply) -> str | None:
+        got = r.json().get("code")
+        return None if got == code else f"expected code {code}, got {got}"
+
+    return check
 
 
 STEPS = (
@@ -160,12 +220,30 @@ STEPS = (
         "/orders/healthz/..%2f7",
         400,
     ),
+    Step(
+        "a revoked user (rule added through the admin API) -> 401 token_revoked, cached or not",
+        "GET",
+        "/orders/7",
+        401,
+        token=_victim,
+        setup=_revoke,
+        check=_code("token_revoked"),
+    ),
+    Step(
+        "the rule removed -> the same token is allowed again",
+        "GET",
+        "/orders/7",
+        200,
+        token=_victim,
+        setup=_restore,
+    ),
 )
 
 
 def run_tour(stack: Stack, out: Callable[[str], None] = print) -> bool:
     ok = True
     for i, step in enumerate(STEPS, 1):
+        done = step.setup(stack) if step.setup is not None else ""
         token = step.token(stack)
         earlier = [
             stack.request(step.method, step.path, token=token, headers=list(step.headers)).status
@@ -184,6 +262,8 @@ def run_tour(stack: Stack, out: Callable[[str], None] = print) -> bool:
         out(f"[{mark}] {i:2}. {step.title}")
         if step.before:
             out(f"         {step.before} x {step.method} {step.path} -> {earlier}")
+        if done:
+            out(f"         first: {done}")
         out(f"         {step.method} {step.path} -> {reply.status}")
         if reply.status == 200:
             ident = _identity(reply)
@@ -217,7 +297,9 @@ def _curl_examples(stack: Stack) -> str:
     user = stack.mint(scp="Orders.Read")
     app = stack.mint(kind="app", roles=("Orders.Read.All",), scp=None)
     writer = stack.mint(scp="Orders.Read", roles=("Orders.Write",))
+    admin = stack.admin_token()
     u = stack.url
+    rule = '{"oid":"' + REVOKED_OID + '","issued_before":"now","expires_in":600,"reason":"try it"}'
     return "\n".join(
         [
             "Try it (tokens are valid for one hour; new ones every 30 minutes):",
@@ -231,6 +313,10 @@ def _curl_examples(stack: Stack) -> str:
             " --scp Orders.Read",
             f"  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{{http_code}} ' {u}/orders/quota/x"
             f" -H 'Authorization: Bearer {user}'; done; echo   # 3 per minute, then 429",
+            "Revoke a user (the admin API needs the app role; see docs/revocation.md):",
+            f"  curl -si -X POST {stack.admin_url}/admin/revocations -H 'Authorization: Bearer "
+            f"{admin}' -H 'content-type: application/json' -d '{rule}'",
+            f"  {authz_command()} revoke list --url {stack.admin_url} --token {admin}",
             f"Metrics: curl -s http://127.0.0.1:{stack.ports['admin']}/metrics | grep authz_",
             "Press Ctrl-C to stop.",
         ]

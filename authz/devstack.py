@@ -40,6 +40,9 @@ INVENTORY_API_ID = "cccccccc-0000-4000-8000-00000000000c"
 CLIENT_APP = "bbbbbbbb-0000-4000-8000-00000000000b"
 OTHER_APP = "dddddddd-0000-4000-8000-00000000000d"
 ADMINS_GROUP = "33333333-3333-4333-8333-333333333333"
+# The revocation admin API of the stack: tokens for this audience with this app role manage it.
+ADMIN_AUDIENCE = "api://authz-admin"
+ADMIN_ROLE = "Authz.Revocations.Manage"
 
 # The built-in configuration of the demo and the e2e tests: two APIs behind one authz service,
 # each route kind once. {instance} is the dev IdP's base URL.
@@ -148,9 +151,27 @@ apis:
 """
 
 
-def stack_config(instance: str, *, unknown_kid_interval: float = 300) -> str:
-    """The built-in configuration, pointed at a dev IdP's base URL."""
-    return STACK_CONFIG.format(
+REVOCATION_CONFIG = """\
+revocation:
+  file: "{file}"
+  poll_interval_seconds: 0.2
+  admin_api:
+    enabled: true
+    audiences: ["{audience}"]
+    issuers: [contoso]
+    role: {role}
+"""
+
+
+def stack_config(
+    instance: str, *, unknown_kid_interval: float = 300, revocations: str | Path = ""
+) -> str:
+    """The built-in configuration, pointed at a dev IdP's base URL; with ``revocations`` (a
+    file path) also the revocation file and its admin API."""
+    extra = ""
+    if revocations:
+        extra = REVOCATION_CONFIG.format(file=revocations, audience=ADMIN_AUDIENCE, role=ADMIN_ROLE)
+    return extra + STACK_CONFIG.format(
         instance=instance,
         contoso=CONTOSO,
         fabrikam=FABRIKAM,
@@ -337,10 +358,28 @@ class Stack:
         if self.config_text is not None:
             text = self.config_text.replace("{instance}", self.idp.base_url)
         else:
-            text = stack_config(self.idp.base_url, unknown_kid_interval=self.unknown_kid_interval)
+            text = stack_config(
+                self.idp.base_url,
+                unknown_kid_interval=self.unknown_kid_interval,
+                revocations=self.revocations_path,
+            )
         if self.redis_server is not None and "\nredis:" not in text:
             text += f'redis:\n  url: "{self.redis_server.url}"\n  sync_interval_seconds: 0.05\n'
         return text
+
+    @property
+    def revocations_path(self) -> Path:
+        return self.workdir / "revocations.json"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['admin']}"
+
+    def admin_token(self, **kw: Any) -> str:
+        """A token for the revocation admin API (with its app role unless ``roles`` says)."""
+        kw.setdefault("aud", ADMIN_AUDIENCE)
+        kw.setdefault("roles", (ADMIN_ROLE,))
+        return self.idp.mint(**kw)
 
     def authz_env(self) -> dict[str, str]:
         env = dict(os.environ)

@@ -8,10 +8,14 @@ Phases and the status they decide (the phase that fails decides, evaluators neve
   1. path canonicalisation        400 non_canonical_path (always enforced, even in dry-run)
   2. API selection, route match   403 unknown_api / no_matching_route
   3. identity (bearer + token)    400 invalid_request, 401 ..., 503 keys_unavailable
+     revocation (deny list)       401 token_revoked (cached claims included: it runs after every
+                                  verify, hit or miss)
   4. route requirements           403 missing_role, ... (or a 401 claims challenge)
   5. rate limits (allowed only)   429 rate_limited (``authz.policy.ratelimit``, local counters)
 Dry-run (per API or route) turns a denial from phases 2-4 into an allow that still carries the
 real code (``would_deny``); identity headers are then set only from a token that verified.
+A revoked token is denied even in dry-run (revocation is an emergency brake, not a rule being
+tried out), and on an anonymous route it counts as no token at all.
 
 Must not import grpc, prometheus, asyncio or network libraries (a test checks the imports).
 """
@@ -32,6 +36,7 @@ from authz.policy.errors import Code, Denial, Forbidden, Unauthenticated, Unknow
 from authz.policy.model import ApiSpec, Decision, Mode, Principal, RequestAttrs, Route
 from authz.policy.paths import canonicalize
 from authz.policy.ratelimit import Counters, RateLimiter
+from authz.policy.revocation import EMPTY, RevocationSet, RevocationView, revocation_denial
 from authz.policy.routes import ApiSelector, RouteTable
 
 _ID_BATCH = 256  # decision ids per getrandom() call: one syscall per check cost ~3 % of a check
@@ -59,11 +64,15 @@ class Engine:
         *,
         new_id: Callable[[], str] = new_decision_id,
         counters: Counters | None = None,
+        revocations: RevocationView | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self._verifier = verifier
         self._new_id = new_id
+        # Read once per check (``.current``): the store swaps snapshots beside the check path.
+        self._revocations: RevocationView = revocations or _NoRevocations()
+        self._clock = clock
         self._selector = ApiSelector(settings.apis)
         self._tables = {api.name: RouteTable.build(api) for api in settings.apis}
         self._contract = settings.headers
@@ -105,10 +114,13 @@ class Engine:
             if token is None:
                 raise Unauthenticated(Code.MISSING_TOKEN)
             principal = self._verifier.verify(token, api)
+            revoked = self._revocations.current.match(principal, self._clock)
+            if revoked:
+                raise revocation_denial(revoked, principal)
             authorize(requirement, principal)
             return self._allow_limited(decision_id, attrs, api, route, principal)
         except Denial as denial:
-            if mode is Mode.DRY_RUN and api is not None:
+            if mode is Mode.DRY_RUN and api is not None and denial.code is not Code.TOKEN_REVOKED:
                 return self._allow(decision_id, attrs, api, route, principal, denial)
             decision = deny(
                 denial,
@@ -128,9 +140,12 @@ class Engine:
     def _try_identity(self, attrs: RequestAttrs, api: ApiSpec) -> Principal | None:
         try:
             token = extract_bearer(attrs.headers, _query(attrs.path))
-            return None if token is None else self._verifier.verify(token, api)
+            principal = None if token is None else self._verifier.verify(token, api)
         except Denial:
             return None
+        if principal is not None and self._revocations.current.match(principal, self._clock):
+            return None  # a revoked token yields no identity headers
+        return principal
 
     def _allow_limited(
         self,
@@ -168,6 +183,10 @@ class Engine:
             contract=self._contract,
             would_deny=would_deny,
         )
+
+
+class _NoRevocations:
+    current: RevocationSet = EMPTY
 
 
 def _query(path: str) -> str:

@@ -4,7 +4,8 @@ Runs one request through the same phases as the server — path, API, route, tok
 and prints every check with PASS/FAIL. The verdict is the real engine's (the same ``Engine``
 the server runs, with the cache off); the per-claim lines before it show what the verifier
 compared, read from the token's claims (display only: the signature is never printed, nor the
-token). Keys come from live discovery (the configured issuers, over HTTP) or from a JWKS file.
+token). Keys come from live discovery (the configured issuers, over HTTP) or from a JWKS file;
+revocation rules from the configured ``revocation.file`` (read once).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from authz.policy.model import (
     TokenKind,
 )
 from authz.policy.paths import canonicalize
+from authz.policy.revocation import EMPTY, RevocationSet, format_time
 from authz.policy.routes import ApiSelector, RouteTable
 
 Out = Callable[[str], None]
@@ -160,14 +162,25 @@ def _clause_checks(c: Clause, p: Principal) -> list[tuple[bool, str]]:
     return checks
 
 
+class _Rules:
+    def __init__(self, current: RevocationSet) -> None:
+        self.current = current
+
+
 def explain(
-    settings: Settings, keys: KeySource, attrs: RequestAttrs, out: Out, now: float | None = None
+    settings: Settings,
+    keys: KeySource,
+    attrs: RequestAttrs,
+    out: Out,
+    now: float | None = None,
+    revocations: RevocationSet = EMPTY,
 ) -> bool:
     """Print every check for one request; return True if the engine allows it."""
     now = time.time() if now is None else now
+    clock = lambda: now  # noqa: E731
     issuers = {s.name: s for s in settings.issuers}
-    verifier = TokenVerifier(settings.tokens, issuers, keys, clock=lambda: now)
-    engine = Engine(settings, verifier)
+    verifier = TokenVerifier(settings.tokens, issuers, keys, clock=clock)
+    engine = Engine(settings, verifier, revocations=_Rules(revocations), clock=clock)
     out(
         f"request: {attrs.method} {attrs.path} host={attrs.host or '-'} "
         f"api={attrs.context.get('api', '-')}"
@@ -194,6 +207,14 @@ def explain(
         out(f"  FAIL path: {d.code}: {d.reason}")
 
     principal = _explain_token(settings, verifier, keys, attrs, api, out, now)
+    if principal is not None:
+        revoked = revocations.match(principal, clock)
+        out(f"  {_mark(not revoked)} not revoked ({len(revocations)} rule(s) in force)")
+        for rule in revoked:
+            before = (
+                f", issued before {format_time(rule.issued_before)}" if rule.issued_before else ""
+            )
+            out(f"       FAIL rule {rule.id}: {dict(rule.matchers)}{before}: {rule.reason}")
     if principal is not None and api is not None:
         route = RouteTable.build(api).match(attrs.method, attrs.host, canonicalize(attrs.path))
         req = route.require if route else api.default
@@ -298,6 +319,17 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, KeyFetchError) as e:
         print(f"cannot load signing keys: {e}", file=sys.stderr)
         return 2
+    revocations = EMPTY
+    if settings.revocation.file:
+        from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415
+
+        r = settings.revocation
+        try:
+            found = load_file(r.file, now=time.time(), max_lifetime_s=r.max_rule_lifetime_s)[0]
+        except RevocationFileError as e:
+            print(str(e), file=sys.stderr)
+            return 2
+        revocations = RevocationSet(found)
     headers = {"authorization": f"Bearer {token}"} if token else {}
     attrs = RequestAttrs(
         method=args.method,
@@ -307,4 +339,4 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         context={"api": args.api} if args.api else {},
         request_id="explain",
     )
-    return 0 if explain(settings, keys, attrs, print) else 1
+    return 0 if explain(settings, keys, attrs, print, revocations=revocations) else 1

@@ -178,6 +178,19 @@ class Metrics:
             ["transport"],
             registry=registry,
         )
+        self.revocation_rules = prom.Gauge(
+            "authz_revocation_rules",
+            "Revocation rules in force, by source.",
+            ["source"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.revocation_reloads = prom.Counter(
+            "authz_revocation_reloads",
+            "Revocation source loads by source and result (ok, invalid, error).",
+            ["source", "result"],
+            registry=registry,
+        )
         self.build_info = prom.Gauge(
             "authz_build_info",
             "Build information (always 1).",
@@ -282,6 +295,13 @@ class Metrics:
             self.ratelimit_syncs.labels(result).inc()
             self.ratelimit_max_unsynced.set(max_delta)
 
+    # RevocationStore / FileFeed observer protocols
+    def on_revocation_rules(self, source: str, rules: int) -> None:
+        self.revocation_rules.labels(source).set(rules)
+
+    def on_revocation_reload(self, source: str, result: str) -> None:
+        self.revocation_reloads.labels(source, result).inc()
+
     # KeyStore observer protocol
     def on_refresh(self, issuer: str, result: str, keys: int) -> None:
         self.jwks_refreshes.labels(issuer, result).inc()
@@ -363,6 +383,14 @@ class AuditLog:
         if self._buffered >= _FLUSH_BYTES:
             self.flush()
 
+    def event(self, event: str, **fields: Any) -> None:
+        """A management event (revocation rules changed, an admin API call): one JSON line,
+        written at once. Strings are redacted and bounded like client-supplied fields."""
+        record = {"ts": round(self._clock(), 3), "log": "audit", "event": event}
+        record.update({k: _redact(v) for k, v in fields.items()})
+        self._buffer.append(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self.flush()
+
     def flush(self) -> None:
         """Write what is buffered. Called every 250 ms by the app and at shutdown: an operator
         must not wait for a buffer to fill to see a deny."""
@@ -377,6 +405,19 @@ class AuditLog:
         except (OSError, ValueError):
             # A closed or full stdout must not turn a decision into an error.
             return
+
+
+EVENT_FIELD_MAX = 600
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, str):
+        return audit_field(value, EVENT_FIELD_MAX)
+    if isinstance(value, dict):
+        return {str(k): _redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact(v) for v in value]
+    return value
 
 
 class RedactFilter(logging.Filter):

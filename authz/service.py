@@ -16,11 +16,19 @@ keeps the unknown-kid rate limit.
 Rate limits are decided by the engine on ``self.counters`` (local, synchronous); the
 ``RateLimitSync`` task beside it shares them through Redis when ``redis:`` is configured
 (``authz.state``). Both live as long as the service: a reload keeps the counts.
+
+Revocation rules live beside the configuration, not in it: one ``RevocationStore`` for the life
+of the service, read by every engine it builds (``store.current``), fed by the file
+(``FileFeed``, polled; re-read on SIGHUP) and written by the admin API. A reload that changes
+the ``revocation:`` section reads the new file first and fails whole if it is bad. With the
+admin API enabled, a second engine decides the admin requests: the same verifier, keys and
+revocations, one synthetic API (``revocation.admin_api``) whose only rule is the app role.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -37,8 +45,15 @@ from authz.identity.fetch import key_fetch_client
 from authz.identity.keys import KeyStore
 from authz.observability import AuditLog, Metrics
 from authz.policy.decisions import internal_error
-from authz.policy.model import Decision, RequestAttrs
+from authz.policy.model import ApiSpec, Clause, Decision, RequestAttrs, Requirement
 from authz.policy.ratelimit import Counters
+from authz.revocation import (
+    FILE_SOURCE,
+    FileFeed,
+    Prepared,
+    RevocationFileError,
+    RevocationStore,
+)
 from authz.state.ratelimit_sync import RateLimitSync
 from authz.state.redisconn import RedisLink
 
@@ -51,6 +66,25 @@ class _State:
     keys: KeyStore
     cache: ClaimsCache | None
     engine: Engine
+    admin: Engine | None = None  # decides admin API requests (revocation.admin_api)
+
+
+ADMIN_API = "authz-admin"  # the synthetic API of the admin listener's protected endpoints
+
+
+def admin_api_spec(settings: Settings) -> ApiSpec | None:
+    """``revocation.admin_api`` as an API whose every request needs the configured app role."""
+    a = settings.revocation.admin_api
+    if not a.enabled:
+        return None
+    return ApiSpec(
+        name=ADMIN_API,
+        audiences=a.audiences,
+        issuers=a.issuers,
+        routes=(),
+        default=Requirement(any_of=(Clause(roles_any=frozenset({a.role})),)),
+        realm=ADMIN_API,
+    )
 
 
 class Service:
@@ -80,6 +114,10 @@ class Service:
             interval_s=settings.redis.sync_interval_s,
             observer=metrics,
         )
+        self.revocations = RevocationStore(audit=audit.event, observer=metrics)
+        self.revocation_file: FileFeed | None = self._feed(settings)
+        if self.revocation_file is not None:
+            self.revocation_file.load_now()  # a bad file: RevocationFileError, no start
         self._state = self._build(settings, previous=None)
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -104,7 +142,18 @@ class Service:
             else None
         )
         verifier = TokenVerifier(t, {s.name: s for s in settings.issuers}, keys, cache=cache)
-        return _State(settings, keys, cache, Engine(settings, verifier, counters=self.counters))
+        engine = Engine(settings, verifier, counters=self.counters, revocations=self.revocations)
+        spec = admin_api_spec(settings)
+        admin = None
+        if spec is not None:
+            admin_settings = dataclasses.replace(settings, apis=(spec,))
+            admin = Engine(admin_settings, verifier, revocations=self.revocations)
+        return _State(settings, keys, cache, engine, admin)
+
+    def _feed(self, settings: Settings) -> FileFeed | None:
+        if not settings.revocation.file:
+            return None
+        return FileFeed(settings.revocation, self.revocations, observer=self.metrics)
 
     @property
     def settings(self) -> Settings:
@@ -120,6 +169,9 @@ class Service:
         if self.redis is not None and not await self.redis.ping():
             log.warning("redis not reachable at start: rate limits count per process until it is")
         self.ratelimit_sync.start()
+        if self.revocation_file is not None:
+            self.revocation_file.start_background()
+        self.revocations.start_background()
         self.metrics.config_last_success.set(time.time())
         self.metrics.ready.set(1 if self.ready else 0)
 
@@ -132,6 +184,9 @@ class Service:
         await self.ratelimit_sync.stop()
         if self.redis is not None:
             await self.redis.close()
+        if self.revocation_file is not None:
+            await self.revocation_file.close()
+        await self.revocations.close()
         await self._state.keys.close(drain=False)
         if self._owns_client:
             await self._client.aclose()
@@ -169,6 +224,26 @@ class Service:
         except Exception:
             decision = self._internal_error(attrs)
         self._record(attrs, decision, time.perf_counter() - start)
+        return decision
+
+    @property
+    def admin_api_enabled(self) -> bool:
+        return self._state.admin is not None
+
+    async def check_admin(self, attrs: RequestAttrs) -> Decision:
+        """Decide an admin API request with our own engine (the configured app role); the
+        same unknown-kid refresh as ``check``; never raises. Not counted as a check."""
+        state = self._state
+        try:
+            if state.admin is None:
+                raise RuntimeError("the admin API is not enabled")
+            decision = state.admin.check(attrs)
+            if decision.refresh_issuer and await state.keys.refresh_unknown_kid(
+                decision.refresh_issuer, decision.refresh_tenant
+            ):
+                decision = state.admin.check(attrs)
+        except Exception:
+            decision = self._internal_error(attrs)
         return decision
 
     def _internal_error(self, attrs: RequestAttrs) -> Decision:
@@ -218,12 +293,13 @@ class Service:
             try:
                 # parsed in a thread: a huge or slow file never holds up the checks on this loop
                 settings = await asyncio.to_thread(config_mod.load, self.config_path)
+                feed, prepared = await self._prepare_feed(settings)
                 new = self._build(settings, previous=self._state.keys)
                 await new.keys.start()
                 if not new.keys.ready:
                     await new.keys.close(drain=False)
                     raise RuntimeError("signing keys for the new configuration could not be loaded")
-            except config_mod.ConfigError as e:
+            except (config_mod.ConfigError, RevocationFileError) as e:
                 self._config_stamp = stamp
                 self.metrics.reloads.labels("invalid").inc()
                 log.error("config reload rejected; still serving the previous one:\n%s", e)
@@ -236,6 +312,7 @@ class Service:
             old = self._state
             new.keys.adopt(old.keys)  # what the old store fetched while the new one warmed up
             new.keys.start_background()
+            await self._swap_feed(feed, prepared)
             self._state = new  # the atomic swap: checks in flight finish on `old`
             self._config_stamp = stamp
             self.metrics.reloads.labels("ok").inc()
@@ -250,6 +327,30 @@ class Service:
             log.info("configuration reloaded from %s", self.config_path)
         self._retire(old.keys)
         return True
+
+    async def _prepare_feed(self, settings: Settings) -> tuple[FileFeed | None, Prepared | None]:
+        """For a reload: the file feed the new settings need, its file read and validated
+        (not yet in force), or (current feed, None) when the section did not change."""
+        if settings.revocation == self.settings.revocation:
+            return self.revocation_file, None
+        feed = self._feed(settings)
+        prepared = None if feed is None else await asyncio.to_thread(feed.prepare)
+        return feed, prepared
+
+    async def _swap_feed(self, feed: FileFeed | None, prepared: Prepared | None) -> None:
+        old = self.revocation_file
+        if feed is old:
+            if old is not None:  # SIGHUP or a config change: look at the file now too
+                await old.refresh(force=True, via="reload")
+            return
+        if old is not None:
+            await old.close()
+        self.revocation_file = feed
+        if feed is None:
+            await self.revocations.replace_async(FILE_SOURCE, (), via="reload")
+        elif prepared is not None:
+            await feed.commit_async(prepared, via="reload")
+            feed.start_background()
 
     def _retire(self, keys: KeyStore) -> None:
         """Close a replaced key store without holding up the reload (``close`` awaits it)."""

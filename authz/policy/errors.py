@@ -10,6 +10,7 @@ they never pick HTTP statuses themselves.
     ├── Unauthenticated     401 missing_token, malformed_token, bad_signature, token_expired, ...
     │   ├── UnknownSigningKey 401 unknown_signing_key (names the issuer to refresh)
     │   └── ClaimsChallenge 401 auth_context_required, when the client can answer a claims challenge
+    │                           (and token_revoked, when a newer token would pass: CAE's nbf)
     ├── Forbidden           403 no_matching_route, missing_role, missing_scope, ...
     ├── TooManyRequests     429 rate_limited
     │   └── RateLimited     429 rate_limited, with Retry-After and the RateLimit headers
@@ -55,6 +56,7 @@ class Code(StrEnum):
     NO_SCOPE_OR_ROLE = "no_scope_or_role"
     APP_TOKEN_WITHOUT_ROLES = "app_token_without_roles"
     AUTH_CONTEXT_REQUIRED = "auth_context_required"
+    TOKEN_REVOKED = "token_revoked"
     # 403: a valid identity that the route does not admit
     UNKNOWN_API = "unknown_api"
     NO_MATCHING_ROUTE = "no_matching_route"
@@ -98,6 +100,7 @@ MEANING: dict[Code, str] = {
     Code.NO_SCOPE_OR_ROLE: "the token has neither 'scp' nor 'roles' (e.g. an ID token)",
     Code.APP_TOKEN_WITHOUT_ROLES: "an app-only token without 'roles'",
     Code.AUTH_CONTEXT_REQUIRED: "the route needs a Conditional Access auth context ('acrs')",
+    Code.TOKEN_REVOKED: "the token matches a revocation rule (revoked by an administrator)",
     Code.UNKNOWN_API: "the request could not be assigned to a configured API",
     Code.NO_MATCHING_ROUTE: "no route of the API matches the method and path",
     Code.MISSING_ROLE: "the token lacks the role(s) the route requires",

@@ -2,7 +2,9 @@
 
 One ``App`` runs one ``Service`` behind the gRPC transport (``grpc.aio``), optionally the HTTP
 ext_authz transport, and the admin listener (``/metrics``, ``/healthz`` liveness, ``/readyz``
-readiness). gRPC health reports NOT_SERVING until every configured issuer's keys are loaded.
+readiness, and with ``revocation.admin_api`` the token-protected ``/admin/revocations`` API of
+``authz.server.admin_api``). gRPC health reports NOT_SERVING until every configured issuer's
+keys are loaded.
 
 SIGTERM/SIGINT: report NOT_SERVING, stop accepting, answer in-flight checks within the grace
 period, exit. SIGHUP (or a change of the watched config file): reload.
@@ -21,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz.server import servicer as servicer_mod
+from authz.server.admin_api import AdminRequest, AdminResponse, RevocationApi
 from authz.server.http import HttpCheckServer, HttpLimits
 from authz.service import Service
 
@@ -35,16 +38,19 @@ def split_hostport(addr: str) -> tuple[str, int]:
 
 
 class AdminServer:
-    """A deliberately tiny HTTP/1.0-style server: GET /metrics, /healthz, /readyz."""
+    """A deliberately tiny HTTP/1.0-style server: GET /metrics, /healthz, /readyz; and the
+    revocation API's requests (headers parsed, body bounded) handed to ``api``."""
 
     def __init__(
         self,
         *,
         metrics_body: Callable[[], tuple[bytes, str]],
         ready: Callable[[], bool],
+        api: RevocationApi | None = None,
     ) -> None:
         self._metrics_body = metrics_body
         self._ready = ready
+        self._api = api
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -57,7 +63,13 @@ class AdminServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
             method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
-            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            target = rest.split(" ", 1)[0]
+            path = target.split("?", 1)[0]
+            if self._api is not None and self._api.handles(path):
+                response = await self._api_request(method, target, head, reader, writer)
+                writer.write(_http(response, head_only=method == "HEAD"))
+                await writer.drain()
+                return
             if method not in ("GET", "HEAD"):
                 status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
             elif path == "/metrics":
@@ -86,10 +98,79 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def _api_request(
+        self,
+        method: str,
+        target: str,
+        head: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> AdminResponse:
+        assert self._api is not None
+        headers: dict[str, str] = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            name = name.strip().lower()
+            if not sep or not name or name != name.strip() or " " in name:
+                return _bad_request("malformed header line")
+            if name in headers:
+                if name in _SINGLE_HEADERS:
+                    return _bad_request(f"more than one {name} header")
+                headers[name] += ", " + value.strip()
+            else:
+                headers[name] = value.strip()
+        if "transfer-encoding" in headers:
+            return _bad_request("send a content-length, not a transfer-encoding")
+        length = headers.get("content-length", "0")
+        if not length.isascii() or not length.isdigit():
+            return _bad_request("bad content-length")
+        if int(length) > self._api.max_body:
+            return AdminResponse(413, b'{"error":"request_too_large"}')
+        body = await asyncio.wait_for(reader.readexactly(int(length)), timeout=10)
+        peer = writer.get_extra_info("peername")
+        return await self._api.handle(
+            AdminRequest(
+                method=method,
+                target=target,
+                headers=headers,
+                body=body,
+                peer=str(peer[0]) if isinstance(peer, tuple) else "",
+            )
+        )
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+_SINGLE_HEADERS = frozenset({"authorization", "content-length", "content-type", "host"})
+_REASONS = {
+    200: "OK",
+    201: "Created",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    503: "Service Unavailable",
+}
+
+
+def _bad_request(message: str) -> AdminResponse:
+    return AdminResponse(400, b'{"error":"invalid_request","message":"%s"}' % message.encode())
+
+
+def _http(r: AdminResponse, *, head_only: bool) -> bytes:
+    lines = [f"HTTP/1.1 {r.status} {_REASONS.get(r.status, 'Error')}"]
+    lines += [f"{k}: {v}" for k, v in r.headers]
+    lines += [f"content-length: {len(r.body)}", "connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + (b"" if head_only else r.body)
 
 
 class App:
@@ -121,7 +202,9 @@ class App:
         self.watch_interval_s = watch_interval_s
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpCheckServer | None = None
-        self._admin = AdminServer(metrics_body=metrics_body, ready=lambda: service.ready)
+        self._admin = AdminServer(
+            metrics_body=metrics_body, ready=lambda: service.ready, api=RevocationApi(service)
+        )
         self._health = health.aio.HealthServicer()
         self._stop = asyncio.Event()
         self._stopped = False

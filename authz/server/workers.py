@@ -26,6 +26,9 @@ a request itself:
   gauges follow their ``multiprocess_mode``) plus ``authz_workers`` / ``authz_worker_restarts``
   and ``process_*`` for the supervisor and its workers together, read from ``/proc``.
   A dead worker's gauge files are removed (its counters stay: totals must not go backwards).
+- The revocation admin API (``revocation.admin_api``) is the supervisor's too, as it owns the admin
+  listener: it runs its own ``Service`` (keys, verifier, revocation file) only to decide admin
+  requests with the same engine; rules it adds go to the file, which every worker polls.
 - Readiness: each worker reports ready/not ready over a pipe; ``/readyz`` is 200 only while every
   worker is alive and ready.
 - Signals: SIGTERM/SIGINT are forwarded (each worker reports NOT_SERVING, finishes in-flight
@@ -56,9 +59,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from authz.config import Settings
+
+if TYPE_CHECKING:
+    from authz.service import Service
 
 log = logging.getLogger("authz.workers")
 
@@ -437,6 +443,8 @@ class Supervisor:
         self.stopping = False
         self._stop = asyncio.Event()
         self.multiproc_dir = ""
+        self.admin_service: Service | None = None  # with revocation.admin_api only
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     # ------------------------------------------------------------------------------- run
 
@@ -450,16 +458,19 @@ class Supervisor:
             shutil.rmtree(self.multiproc_dir, ignore_errors=True)
 
     async def _main(self) -> int:
+        from authz.server.admin_api import RevocationApi  # noqa: PLC0415
         from authz.server.app import AdminServer, split_hostport  # noqa: PLC0415
 
-        admin = AdminServer(metrics_body=self.metrics_body, ready=self.ready)
+        self.admin_service = await self._admin_service()
+        api = RevocationApi(self.admin_service) if self.admin_service is not None else None
+        admin = AdminServer(metrics_body=self.metrics_body, ready=self.ready, api=api)
         admin_port = 0
         if self.settings.server.admin_listen:
             admin_port = await admin.start(*split_hostport(self.settings.server.admin_listen))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.forward, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._hup)
         for w in self.workers:
             self._spawn(w)
         p = self.workers[0].listens
@@ -481,8 +492,35 @@ class Supervisor:
             self.stopping = True
             await self._shutdown()
             await admin.close()
+            if self.admin_service is not None:
+                await self.admin_service.close()
         log.info("supervisor stopped")
         return 0
+
+    async def _admin_service(self) -> Service | None:
+        """The supervisor's own Service for the admin API (None when it is off)."""
+        if not self.settings.revocation.admin_api.enabled:
+            return None
+        import prometheus_client as prom  # noqa: PLC0415
+
+        from authz.observability import AuditLog, Metrics  # noqa: PLC0415
+        from authz.service import Service  # noqa: PLC0415
+
+        service = Service(
+            self.settings,
+            metrics=Metrics(prom.CollectorRegistry()),  # private: /metrics is the workers'
+            audit=AuditLog(),
+            config_path=self.args.config,
+        )
+        await service.start()
+        return service
+
+    def _hup(self) -> None:
+        self.forward(signal.SIGHUP)
+        if self.admin_service is not None:
+            task = asyncio.get_running_loop().create_task(self.admin_service.reload())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
 
     # --------------------------------------------------------------------------- workers
 

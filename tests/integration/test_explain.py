@@ -163,3 +163,28 @@ def test_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     bad.write_text("apis: [")
     rc, _ = run(capsys, "--config", str(bad), "--path", "/x")
     assert rc == 2
+
+
+def test_a_revoked_token_is_explained(
+    idp: DevIdP, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rules = tmp_path / "revocations.json"
+    config = tmp_path / "authz.yaml"
+    config.write_text(stack_config(idp.base_url, revocations=rules))
+    oid = "99999999-9999-4999-8999-999999999999"
+    token = idp.mint(aud="api://orders", scp="Orders.Read", oid=oid)
+    rc, out = run(capsys, "--config", str(config), "--path", "/orders/7", "--token", token)
+    assert rc == 0
+    assert "PASS not revoked (0 rule(s) in force)" in out
+    assert cli.main(["revoke", "add", "--file", str(rules), "--id", "gone", "--oid", oid,
+                     "--expires-in", "1h", "--reason", "left the company"]) == 0  # fmt: skip
+    capsys.readouterr()
+    rc, out = run(capsys, "--config", str(config), "--path", "/orders/7", "--token", token)
+    assert rc == 1
+    assert "FAIL not revoked (1 rule(s) in force)" in out
+    assert f"FAIL rule gone: {{'oid': '{oid}'}}: left the company" in out
+    assert "decision: DENY 401 token_revoked" in out
+    rules.write_text('{"rules": [{"id": "bad"}]}')
+    rc = cli.main(["explain", "--config", str(config), "--path", "/orders/7", "--token", token])
+    assert rc == 2
+    assert "rules[0].reason: required key is missing" in capsys.readouterr().err

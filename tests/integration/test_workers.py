@@ -5,7 +5,9 @@ stays at its configured size under a flood of unique valid tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import pytest
 from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from authz.devidp import CONTOSO, DevIdP
+from authz.devstack import ADMIN_AUDIENCE, ADMIN_ROLE, REVOCATION_CONFIG
 from authz.observability import AuditLog, Metrics
 from authz.service import Service
 
@@ -120,9 +123,14 @@ class Tree:
 
 @pytest.fixture
 def tree(tmp_path: Path, idp: DevIdP) -> Iterator[Tree]:
+    with start_tree(tmp_path, write_config(tmp_path / "authz.yaml", idp)) as t:
+        yield t
+
+
+@contextlib.contextmanager
+def start_tree(tmp_path: Path, cfg: Path) -> Iterator[Tree]:
     base = port_block(8)
     grpc_port, http_port, admin = base, base + 3, base + 7
-    cfg = write_config(tmp_path / "authz.yaml", idp)
     env = dict(os.environ)
     env.update(
         AUTHZ_GRPC_LISTEN=f"127.0.0.1:{grpc_port}",
@@ -242,3 +250,38 @@ async def test_claims_cache_stays_at_its_max_under_a_flood_of_unique_tokens(
         assert registry.get_sample_value("authz_token_cache_misses_total") == 120.0
     finally:
         await service.close()
+
+
+def test_the_supervisor_serves_the_admin_api_and_every_worker_enforces(
+    tmp_path: Path, idp: DevIdP
+) -> None:
+    """With workers, the admin listener (and so the admin API) is the supervisor's: a rule it
+    takes lands in the file, and each worker, on its own port, denies the token once it polled."""
+    cfg = tmp_path / "authz.yaml"
+    rules = tmp_path / "revocations.json"
+    revocation = REVOCATION_CONFIG.format(file=rules, audience=ADMIN_AUDIENCE, role=ADMIN_ROLE)
+    cfg.write_text(revocation + CONFIG.format(cache_max=100, instance=idp.base_url, tenant=CONTOSO))
+    victim = idp.mint(
+        aud="api://orders", scp="Orders.Read", oid="99999999-9999-4999-8999-999999999999"
+    )
+    with start_tree(tmp_path, cfg) as t:
+        for port in (t.http + 1, t.http + 2):
+            assert http_check(port, victim).status_code == 200  # cached in both workers
+        url = f"http://127.0.0.1:{t.admin}/admin/revocations"
+        body = {"oid": "99999999-9999-4999-8999-999999999999", "expires_in": 600, "reason": "w"}
+        denied = httpx.post(url, json=body, timeout=10, trust_env=False)
+        assert denied.status_code == 401
+        token = idp.mint(aud=ADMIN_AUDIENCE, roles=(ADMIN_ROLE,))
+        added = httpx.post(
+            url,
+            json=body,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=10,
+            trust_env=False,
+        )
+        assert added.status_code == 201, added.text
+        assert [r["oid"] for r in json.loads(rules.read_text())["rules"]] == [body["oid"]]
+        for port in (t.http + 1, t.http + 2):
+            wait(lambda port=port: http_check(port, victim).status_code == 401)  # type: ignore[misc]
+            assert http_check(port, victim).json()["code"] == "token_revoked"
+        assert grpc_check(t.grpc + 1, victim).denied_response.status.code == 401

@@ -189,6 +189,8 @@ def exposition(envoy_exposition: dict[str, set[str]]) -> dict[str, set[str]]:
     metrics.jwks_keys_expiry.labels("contoso").set(1)
     metrics.sync_cache(1, 1, 1)
     metrics.reloads.labels("ok").inc()
+    metrics.on_revocation_reload("file", "ok")
+    metrics.on_revocation_rules("file", 1)
     metrics.internal_errors.labels("grpc").inc()
     metrics.ready.set(1)
     metrics.sync_ratelimit({("orders", "read", "per-user", "enforce"): 1}, 1)
