@@ -231,14 +231,16 @@ def test_sigterm_answers_checks_held_on_a_key_refresh(tmp_path: Path, transport:
         for reply in replies.values():
             assert isinstance(reply, Reply)
             assert reply.json()["code"] == "unknown_signing_key"
-        # and authz decided each one: started before the signal, finished after it
+        # and authz decided each one after the signal. (That each was in flight when it landed is
+        # shown above by Envoy's counters and the empty replies; authz's own start time is not
+        # compared with the signal: on a loaded machine gRPC may hand a check Envoy has already
+        # sent to the handler a few milliseconds later.)
         audit = {str(a["request_id"]): a for a in _audit(stack)}
         for rid in tokens:
             entry = audit[rid]
             assert (entry["status"], entry["code"]) == (401, "unknown_signing_key")
             finished = float(str(entry["ts"]))
-            started = finished - float(str(entry["latency_us"])) / 1e6
-            assert started < sigterm_at <= finished + 0.002  # ts is rounded to the millisecond
+            assert sigterm_at <= finished + 0.002  # ts is rounded to the millisecond
 
 
 # --------------------------------------------------------------------------- nothing leaks tokens
