@@ -194,6 +194,8 @@ class RevocationSettings:
     poll_interval_s: float = 1.0
     max_rule_lifetime_s: float = float(DEFAULT_MAX_RULE_LIFETIME_S)
     admin_api: AdminApiSettings = AdminApiSettings()
+    redis: bool = False  # rules shared through redis: (RedisFeed)
+    redis_poll_interval_s: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,6 +549,8 @@ class _Revocation(_Model):
         default=float(DEFAULT_MAX_RULE_LIFETIME_S), ge=60, le=7 * 86400
     )
     admin_api: _RevocationAdminApi = Field(default_factory=_RevocationAdminApi)
+    redis: bool = False
+    redis_poll_interval_seconds: float = Field(default=0.2, ge=0.05, le=5)
 
 
 class _Root(_Model):
@@ -714,8 +718,11 @@ def _revocation(
     a = m.admin_api
     where = "revocation.admin_api"
     if a.enabled:
-        if not m.file:
-            problems.append(f"{where}.enabled: needs revocation.file (where added rules are kept)")
+        if not m.file and not m.redis:
+            problems.append(
+                f"{where}.enabled: needs revocation.file or revocation.redis (where added rules "
+                "are kept)"
+            )
         if not a.audiences:
             problems.append(f"{where}.audiences: required when enabled (the admin API's app id)")
         if not a.issuers:
@@ -736,6 +743,8 @@ def _revocation(
             role=a.role,
             max_body_bytes=a.max_body_bytes,
         ),
+        redis=m.redis,
+        redis_poll_interval_s=m.redis_poll_interval_seconds,
     )
 
 
@@ -921,6 +930,8 @@ def from_mapping(
         problems.append(f"issuers: duplicate issuer name {dup!r}")
     contract = _contract(root.headers, problems)
     revocation = _revocation(root.revocation, set(names), source, problems)
+    if root.revocation.redis and not root.redis.url:
+        problems.append("revocation.redis: needs redis.url (the Redis the rules are shared in)")
     apis = tuple(_api(m, i, set(names), contract, problems) for i, m in enumerate(root.apis))
     api_names = [a.name for a in apis]
     for dup in sorted({n for n in api_names if api_names.count(n) > 1}):

@@ -6,7 +6,9 @@ Two ways to reach the rules, one flag each:
   or ``--file RULES`` (a rules file directly): the file is changed under a lock and replaced
   atomically; a running server picks it up at its next poll (``poll_interval_seconds``, 1 s) or
   on SIGHUP. The change is audited on stderr (who: the OS user and host) and again by every
-  server that loads it.
+  server that loads it. When that config sets ``revocation.redis: true``, ``--config`` works on
+  the shared rules in its Redis instead (every replica polls them: in force everywhere within
+  ``revocation.redis_poll_interval_seconds``).
 - ``--url http://ADMIN`` with ``--token TOKEN`` (``-`` reads it from stdin; default
   ``$AUTHZ_ADMIN_TOKEN``): the admin API of a running server, which checks the token (the
   configured app role), writes its file and audits the caller.
@@ -25,6 +27,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from authz.policy.revocation import DEFAULT_MAX_RULE_LIFETIME_S, MATCHERS, RevocationRule
@@ -109,15 +112,52 @@ class _Usage(Exception):
     pass
 
 
+def _settings(args: argparse.Namespace) -> Any:
+    from authz import config as config_mod  # noqa: PLC0415
+
+    try:
+        return config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        raise _Usage(str(e)) from None
+
+
+def _shared(args: argparse.Namespace) -> Any:
+    """With --config whose ``revocation.redis`` is on: its settings (rules go to Redis)."""
+    if not args.config:
+        return None
+    settings = _settings(args)
+    return settings if settings.revocation.redis else None
+
+
+def _on_redis(settings: Any, op: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``op(feed)`` against the shared Redis source named by ``settings``."""
+    import asyncio  # noqa: PLC0415
+
+    from authz.revocation import RevocationStore  # noqa: PLC0415
+    from authz.state.redisconn import RedisLink  # noqa: PLC0415
+    from authz.state.revocation_feed import RedisFeed, RedisUnavailable  # noqa: PLC0415
+
+    async def run() -> Any:
+        link = RedisLink(settings.redis)
+        feed = RedisFeed(settings.revocation, RevocationStore(), link)
+        try:
+            await feed.refresh(force=True)
+            if link.up is not True:
+                raise RedisUnavailable(f"redis at {settings.redis.url} is not reachable")
+            return await op(feed)
+        finally:
+            await link.close()
+
+    try:
+        return asyncio.run(run())
+    except RedisUnavailable as e:
+        raise _Refused(str(e)) from None
+
+
 def _local(args: argparse.Namespace) -> tuple[str, float]:
     """(rules file, maximum rule lifetime) for --config / --file."""
     if args.config:
-        from authz import config as config_mod  # noqa: PLC0415
-
-        try:
-            settings = config_mod.load(args.config)
-        except config_mod.ConfigError as e:
-            raise _Usage(str(e)) from None
+        settings = _settings(args)
         if not settings.revocation.file:
             raise _Usage(f"{args.config}: revocation.file is not set (no file to write)")
         return settings.revocation.file, settings.revocation.max_rule_lifetime_s
@@ -218,6 +258,22 @@ def cmd_add(args: argparse.Namespace) -> int:
             new_rule,
         )
 
+        shared = _shared(args)
+        if shared is not None:
+            who = _who()
+            try:
+                made = new_rule(
+                    fields,
+                    now=time.time(),
+                    max_lifetime_s=shared.revocation.max_rule_lifetime_s,
+                    created_by=f"cli:{who['user']}@{who['host']}",
+                )
+            except RevocationFileError as e:
+                raise _Usage(str(e)) from None
+            _on_redis(shared, lambda feed: feed.add(made, via="cli"))
+            _audit("revocation_added", source="redis", rule=made.to_dict())
+            print(f"added rule {made.id} to redis: {_show(made.to_dict())}")
+            return 0
         path, max_lifetime = _local(args)
         who = _who()
         try:
@@ -241,8 +297,16 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     def body(args: argparse.Namespace) -> int:
+        shared = None if args.url else _shared(args)
         if args.url:
             rules: list[dict[str, Any]] = _api(args, "GET", "")["rules"]
+        elif shared is not None:
+
+            async def listed(feed: Any) -> list[dict[str, Any]]:
+                found = feed.store.sources().get("redis", ())
+                return [{**r.to_dict(), "source": "redis"} for r in found]
+
+            rules = _on_redis(shared, listed)
         else:
             from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415
 
@@ -275,6 +339,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
             RevocationFileError,
         )
 
+        shared = _shared(args)
+        if shared is not None:
+            try:
+                gone_r: RevocationRule = _on_redis(
+                    shared, lambda feed: feed.remove(args.id, via="cli")
+                )
+            except RevocationConflict as e:
+                raise _Refused(str(e)) from None
+            _audit("revocation_removed", source="redis", rule=gone_r.to_dict())
+            print(f"removed rule {gone_r.id} from redis: {_show(gone_r.to_dict())}")
+            return 0
         path, max_lifetime = _local(args)
         try:
             gone: RevocationRule = FileSource(path, max_lifetime_s=max_lifetime).remove(args.id)[0]

@@ -56,6 +56,7 @@ from authz.revocation import (
 )
 from authz.state.ratelimit_sync import RateLimitSync
 from authz.state.redisconn import RedisLink
+from authz.state.revocation_feed import RedisFeed
 
 log = logging.getLogger("authz.service")
 
@@ -118,6 +119,12 @@ class Service:
         self.revocation_file: FileFeed | None = self._feed(settings)
         if self.revocation_file is not None:
             self.revocation_file.load_now()  # a bad file: RevocationFileError, no start
+        # The shared source (``revocation.redis``), like ``redis:``, is read once, at start.
+        self.revocation_redis: RedisFeed | None = None
+        if settings.revocation.redis and self.redis is not None:
+            self.revocation_redis = RedisFeed(
+                settings.revocation, self.revocations, self.redis, observer=metrics
+            )
         self._state = self._build(settings, previous=None)
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
@@ -171,6 +178,13 @@ class Service:
         self.ratelimit_sync.start()
         if self.revocation_file is not None:
             self.revocation_file.start_background()
+        if self.revocation_redis is not None:
+            if not await self.revocation_redis.refresh(force=True, via="startup"):
+                log.warning(
+                    "revocation rules in redis not read at start: none of them in force until "
+                    "redis answers"
+                )
+            self.revocation_redis.start_background()
         self.revocations.start_background()
         self.metrics.config_last_success.set(time.time())
         self.metrics.ready.set(1 if self.ready else 0)
@@ -186,6 +200,8 @@ class Service:
             await self.redis.close()
         if self.revocation_file is not None:
             await self.revocation_file.close()
+        if self.revocation_redis is not None:
+            await self.revocation_redis.close()
         await self.revocations.close()
         await self._state.keys.close(drain=False)
         if self._owns_client:
@@ -322,7 +338,9 @@ class Service:
             if settings.tokens.ca_bundle != old.settings.tokens.ca_bundle:
                 # the key-fetch client (proxies, CA bundle) is built once, at start
                 log.warning("config: tokens.ca_bundle changed; it takes effect at the next restart")
-            if settings.redis != old.settings.redis:
+            if settings.redis != old.settings.redis or (
+                settings.revocation.redis != old.settings.revocation.redis
+            ):
                 log.warning("config: the redis section changed; it takes effect at restart")
             log.info("configuration reloaded from %s", self.config_path)
         self._retire(old.keys)

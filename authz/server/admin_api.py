@@ -32,8 +32,15 @@ from typing import Any
 
 from authz.observability import audit_path
 from authz.policy.model import Principal, RequestAttrs
-from authz.revocation import RevocationConflict, RevocationFileError, UnknownRule, new_rule
+from authz.revocation import (
+    FileFeed,
+    RevocationConflict,
+    RevocationFileError,
+    UnknownRule,
+    new_rule,
+)
 from authz.service import ADMIN_API, Service
+from authz.state.revocation_feed import RedisFeed, RedisUnavailable
 
 log = logging.getLogger("authz.admin_api")
 
@@ -168,8 +175,8 @@ class RevocationApi:
             data = json.loads(req.body)
         except (ValueError, UnicodeDecodeError):
             return _error(400, "invalid_request", "the body is not JSON")
-        feed = self.service.revocation_file
-        if feed is None:  # pragma: no cover - config requires a file when the API is enabled
+        feed, source = self._writable()
+        if feed is None:  # pragma: no cover - config requires a source when the API is enabled
             return _error(503, "temporarily_unavailable", "no writable revocation source")
         settings = self.service.settings.revocation
         by = f"admin_api:oid={who['oid']},tid={who['tid']},azp={who['azp']}"
@@ -179,31 +186,42 @@ class RevocationApi:
             )
         except RevocationFileError as e:
             return _error(400, "invalid_request", "invalid rule", problems=e.problems)
-        await feed.add(rule, via="admin_api")
+        try:
+            await feed.add(rule, via="admin_api")
+        except RedisUnavailable:
+            return _error(503, "temporarily_unavailable", "redis did not take the rule; retry")
         self.service.audit.event(
             "revocation_added",
             via="admin_api",
-            source="file",
+            source=source,
             by=who,
             request_id=request_id,
             rule=rule.to_dict(),
         )
-        return _json(201, {"rule": {**rule.to_dict(), "source": "file"}})
+        return _json(201, {"rule": {**rule.to_dict(), "source": source}})
 
     async def _remove(self, rule_id: str, who: dict[str, str], request_id: str) -> AdminResponse:
-        feed = self.service.revocation_file
-        if feed is None:  # pragma: no cover - config requires a file when the API is enabled
+        feed, source = self._writable()
+        if feed is None:  # pragma: no cover - config requires a source when the API is enabled
             return _error(503, "temporarily_unavailable", "no writable revocation source")
         try:
             removed = await feed.remove(rule_id, via="admin_api")
         except UnknownRule:
-            return _error(404, "not_found", f"no rule with id {rule_id!r} in the file")
+            return _error(404, "not_found", f"no rule with id {rule_id!r} in the {source} source")
+        except RedisUnavailable:
+            return _error(503, "temporarily_unavailable", "redis did not take the change; retry")
         self.service.audit.event(
             "revocation_removed",
             via="admin_api",
-            source="file",
+            source=source,
             by=who,
             request_id=request_id,
             rule=removed.to_dict(),
         )
-        return _json(200, {"removed": {**removed.to_dict(), "source": "file"}})
+        return _json(200, {"removed": {**removed.to_dict(), "source": source}})
+
+    def _writable(self) -> tuple[FileFeed | RedisFeed | None, str]:
+        """Where the API writes: the shared Redis source when configured, else the file."""
+        if self.service.revocation_redis is not None:
+            return self.service.revocation_redis, "redis"
+        return self.service.revocation_file, "file"
