@@ -422,12 +422,26 @@ def test_a_relative_file_is_next_to_the_config(tmp_path: Path) -> None:
         ("revocation: {max_rule_lifetime_seconds: 10}",
          "revocation.max_rule_lifetime_seconds: Input should be greater than or equal to 60"),
         ("revocation: {poll: 1}", "revocation.poll: unknown key"),
+        ("revocation: {redis: true}", "revocation.redis: needs redis.url"),
+        ("revocation: {redis: true, redis_poll_interval_seconds: 0.001}",
+         "revocation.redis_poll_interval_seconds: Input should be greater than or equal to 0.05"),
     ],
-    ids=["no-file", "no-audience", "no-issuer", "no-role", "unknown-issuer", "tiny-max", "typo"],
+    ids=["no-file", "no-audience", "no-issuer", "no-role", "unknown-issuer", "tiny-max", "typo",
+         "redis-without-url", "tiny-redis-poll"],
 )  # fmt: skip
 def test_section_problems_name_the_key(extra: str, expected: str) -> None:
     found = config_problems(extra)
     assert any(p.startswith(expected) for p in found), found
+
+
+def test_the_admin_api_may_write_to_redis_instead_of_a_file() -> None:
+    extra = (
+        'redis: {url: "redis://127.0.0.1:6379"}\n'
+        "revocation: {redis: true, admin_api: {enabled: true, audiences: [a], issuers: [contoso],"
+        " role: R}}"
+    )
+    r = parse(extra).revocation
+    assert (r.redis, r.file, r.admin_api.enabled, r.redis_poll_interval_s) == (True, "", True, 0.2)
 
 
 def test_rules_written_now_load_later(tmp_path: Path) -> None:
