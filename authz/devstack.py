@@ -30,7 +30,7 @@ import httpx
 
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP, EchoServer
 from authz.envoyconf import defaults, placeholders, render
-from authz.server.workers import envoy_endpoints
+from authz.server.ports import envoy_endpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENVOY_DIR = REPO_ROOT / "envoy"
