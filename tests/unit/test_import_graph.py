@@ -159,3 +159,25 @@ def test_parsing_serve_loads_no_dev_tool() -> None:
     assert probe("check-config", "x.yaml") == "check-config []\n"
     # the dev subcommands do load them (so the probe can see a dev import)
     assert probe("echo", "--port", "0").startswith("echo ['authz.devidp'")
+
+
+# -- module size --------------------------------------------------------------------------------
+
+MAX_LINES = 450
+# Over the limit without a reason yet: being reshaped by the transport work of issue 14 (this
+# branch must not edit it). Remove the entry when it is split or gains its "Size:" line.
+SIZE_PENDING = frozenset({"authz/server/http.py"})
+
+
+def test_every_big_module_says_why_at_its_top() -> None:
+    """A module over ~450 lines carries a one-line ``Size:`` reason in its docstring."""
+    unexplained = []
+    for path in sorted(PKG.rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        text = path.read_text()
+        if "_proto" in path.parts or rel in SIZE_PENDING or text.count("\n") <= MAX_LINES:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not any(line.startswith("Size: ") for line in doc.splitlines()):
+            unexplained.append(rel)
+    assert unexplained == []
