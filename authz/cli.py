@@ -1,5 +1,8 @@
 """The ``authz`` command: serve, check-config, explain, revoke, dev-idp, echo, demo.
 
+This module parses arguments and calls: ``serve`` runs ``authz.server.lifecycle.serve``. The dev
+tools (``dev-idp``, ``echo``, ``demo``) are imported only when one of them is the command.
+
 Exit codes: 0 success, 1 a check/tour failed, 2 bad configuration or usage.
 
 No input makes a command print a traceback: a bad file, environment variable or argument, or a
