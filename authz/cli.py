@@ -1,5 +1,8 @@
 """The ``authz`` command: serve, check-config, explain, revoke, dev-idp, echo, demo.
 
+This module parses arguments and calls: ``serve`` runs ``authz.server.lifecycle.serve``. The dev
+tools (``dev-idp``, ``echo``, ``demo``) are imported only when one of them is the command.
+
 Exit codes: 0 success, 1 a check/tour failed, 2 bad configuration or usage.
 
 No input makes a command print a traceback: a bad file, environment variable or argument, or a
@@ -10,30 +13,15 @@ port already in use, ends in one clear message and exit 2. ``check-config`` prin
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import socket
 import sys
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from authz import __version__
 from authz import config as config_mod
 
 log = logging.getLogger("authz.cli")
-
-
-def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    """Run on uvloop when it is installed (it cuts per-check CPU), plain asyncio otherwise."""
-    try:
-        import uvloop  # noqa: PLC0415
-
-        factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
-        factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -110,51 +98,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         log.error("%s; not starting", problem)
         return 2
-    from authz.server import workers  # noqa: PLC0415
+    from authz.server import lifecycle  # noqa: PLC0415
 
-    grpc_listen, http_listen = workers._listens(settings, args.transport)
-    problem = _unavailable(
-        {
-            "server.grpc_listen": grpc_listen,
-            "server.http_listen": http_listen,
-            "server.admin_listen": settings.server.admin_listen,
-        }
+    opts = lifecycle.ServeOptions(
+        config_path=args.config,
+        transport=args.transport,
+        workers=args.workers,
+        log_level=args.log_level,
+        plain_logs=bool(args.plain_logs),
     )
-    if problem:
-        log.error("cannot start: %s", problem)
-        return 2
     try:
-        return workers.serve(settings, args)
+        return lifecycle.serve(settings, opts)
     except (OSError, RuntimeError) as e:  # a port in use (grpc raises RuntimeError), no such host
         log.error("cannot start: %s", _bounded(e))
         return 2
-
-
-def _unavailable(listens: dict[str, str]) -> str:
-    """Why a configured address cannot be listened on (a port in use, an address not ours), or
-    "". Checked before any server starts, so the answer is one clear line (gRPC's own bind
-    failure is a C-core line on stderr and a vague RuntimeError). Port 0 is always free."""
-    for key, addr in listens.items():
-        if not addr:
-            continue
-        host, _, port = addr.rpartition(":")
-        if int(port) == 0:
-            continue
-        try:
-            infos = socket.getaddrinfo(
-                host.strip("[]") or None,
-                int(port),
-                type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
-            )
-            family, kind, proto, _, sockaddr = infos[0]
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(sockaddr)
-        except OSError as e:
-            reason = e.strerror or str(e)
-            return f"cannot listen on {addr} ({key}): {reason}"
-    return ""
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -172,7 +129,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``authz`` parser for ``argv`` (default ``sys.argv[1:]``): the dev tools' parsers only
+    when ``argv`` names one of them."""
     p = argparse.ArgumentParser(
         prog="authz", description="Envoy ext_authz service for Microsoft Entra ID access tokens."
     )
@@ -224,17 +183,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     revocation_cli.register(sub)
 
-    try:
+    if _command(argv) in DEV_COMMANDS:
         from authz.devidp import cli as devidp_cli  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - the dev tools ship with the package
-        pass
-    else:
+
         devidp_cli.register(sub)
+    else:  # listed for --help only: any other command never imports the dev tools
+        for name, summary in DEV_COMMANDS.items():
+            sub.add_parser(name, help=summary, add_help=False)
     return p
 
 
+# The dev tools' commands (``authz.devidp.cli`` defines their arguments). Their parsers are built
+# only when one of them is the command, so ``serve`` never loads the dev IdP (tests/unit/
+# test_import_graph.py).
+DEV_COMMANDS = {
+    "dev-idp": "local Entra-shaped issuer for development and tests (NOT FOR PRODUCTION)",
+    "echo": "echo backend: answers every request with what it got",
+}
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    """The subcommand named in ``argv`` (the first word that is not an option), or ""."""
+    words = sys.argv[1:] if argv is None else argv
+    return next((w for w in words if not w.startswith("-")), "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -2,6 +2,8 @@
 names every bad key by its path (``apis[0].routes[2].require.roles_any: expected a list of
 strings``).
 
+Size: the YAML schema and its conversion to Settings, side by side, key by key.
+
 The YAML is checked by pydantic models with ``extra="forbid"`` and strict types, then converted
 into the frozen value objects of ``authz.policy.model`` (tuples, frozensets). Nothing here is
 consulted per request: route templates are compiled and checked here once, so a config that loads

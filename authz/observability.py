@@ -1,5 +1,7 @@
 """Metrics, the audit log and log redaction: everything an operator sees, in one place.
 
+Size: everything an operator sees, in one place by design (the list below).
+
 - ``Metrics`` registers every series on an injected ``CollectorRegistry`` (tests use their own)
   and caches labelled children so recording a check costs a couple of microseconds.
 - ``AuditLog`` writes one JSON line per decision (every deny; allows configurable and sampled)

@@ -1,6 +1,8 @@
 """Revocation at runtime: the store that merges named sources into the snapshot the engine reads,
 the file source (format, validation, hot reload, atomic updates) and the audit of every change.
 
+Size: the store, the file format and its feed change together (one file contract).
+
     RevocationStore        named sources -> one immutable RevocationSet (``current``), swapped
     │                      whole in one assignment: a check reads the snapshot it started with
     ├── "file"  FileFeed   a YAML or JSON file: polled (resolved path, inode, mtime, size) every

@@ -34,7 +34,7 @@ from authz import config as config_mod
 from authz.devidp import CONTOSO, DevIdP
 from authz.devstack import RedisServer, envoy_binary, free_port, wait_until
 from authz.envoyconf import render
-from authz.server.workers import envoy_endpoints
+from authz.server.ports import envoy_endpoints
 from bench import inprocess, loadgen, wrk
 from bench.sysstat import CpuMeter, children, rss_bytes
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from authz.server.workers import cpu_seconds, rss_bytes
+from authz.server.procfs import cpu_seconds, rss_bytes
 
 # Per-process readings are the service's own (its supervisor exports them as process_*).
 __all__ = ["CpuMeter", "MachineCpu", "children", "cpu_seconds", "rss_bytes"]

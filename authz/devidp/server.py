@@ -1,5 +1,7 @@
 """``DevIdP``: a local issuer shaped like Microsoft Entra ID, for development, demos and tests.
 
+Size: one dev tool: every Entra path it imitates plus its /_dev controls.
+
 NOT FOR PRODUCTION. It mints whatever token anyone asks for over ``POST /_dev/token``.
 
 It serves Entra's paths for every configured tenant GUID, each domain alias, and

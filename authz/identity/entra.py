@@ -1,5 +1,7 @@
 """Verify a Microsoft Entra ID access token against an in-memory key snapshot -> ``Principal``.
 
+Size: one ordered pipeline of checks, read top to bottom (the order picks the code).
+
 Pure given keys: no network, no asyncio. Keys come from a ``KeySource`` (``authz.identity.keys``
 implements it over HTTP; tests use a dict). The order of checks (the most specific code wins,
 cheap structure first, and no claim is trusted for the decision before the signature verifies):

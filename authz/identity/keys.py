@@ -1,5 +1,7 @@
 """Signing keys of the configured Entra issuers: discovery, JWKS, immutable snapshots, refresh.
 
+Size: the pure discovery/JWKS parsers and the one KeyStore that runs them.
+
 The I/O side of token verification. ``KeyStore`` implements ``KeySource`` (see
 ``authz.identity.entra``): the hot path only ever reads ``snapshot(issuer)``, a dict lookup that
 returns an immutable ``KeySnapshot``; fetching happens beside it:

@@ -43,7 +43,7 @@ def test_minimal_defaults() -> None:
     assert s.server.grpc_listen == "127.0.0.1:9001"
     assert s.apis[0].default is None
     assert s.headers.user_id == "x-user-id"
-    assert s.server.workers == 0  # one per available CPU (authz.server.workers.available_cpus)
+    assert s.server.workers == 0  # one per available CPU (authz.server.procfs.available_cpus)
 
 
 def test_env_overrides_listen_addresses() -> None:

@@ -13,16 +13,10 @@ import yaml
 
 from authz.devstack import envoy_binary
 from authz.envoyconf import defaults, render
-from authz.server import workers
-from authz.server.workers import (
-    available_cpus,
-    cgroup_cpu_limit,
-    envoy_endpoints,
-    parse_cfs,
-    parse_cpu_max,
-    plan_listens,
-    resolve_workers,
-)
+from authz.server import ports
+from authz.server.lifecycle import resolve_workers
+from authz.server.ports import envoy_endpoints, plan_listens
+from authz.server.procfs import available_cpus, cgroup_cpu_limit, parse_cfs, parse_cpu_max
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,24 +107,24 @@ def test_default_per_worker_ports_of_adjacent_shared_ports_do_not_collide() -> N
 def test_per_worker_ports_that_collide_fail_at_startup() -> None:
     # a base that lands gRPC worker 1 on the shared HTTP port
     with pytest.raises(ValueError, match="collides") as e:
-        plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, {workers.GRPC_BASE_ENV: "9001"})
-    assert workers.GRPC_BASE_ENV in str(e.value)
+        plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, {ports.GRPC_BASE_ENV: "9001"})
+    assert ports.GRPC_BASE_ENV in str(e.value)
     # shared ports 100 apart: gRPC worker 0 (9101) would take the shared HTTP port
     with pytest.raises(ValueError, match="collides"):
         plan_listens("127.0.0.1:9001", "127.0.0.1:9101", 1, {})
 
 
 def test_per_worker_port_bases_and_off() -> None:
-    env = {workers.GRPC_BASE_ENV: "9101", workers.HTTP_BASE_ENV: "9201"}
+    env = {ports.GRPC_BASE_ENV: "9101", ports.HTTP_BASE_ENV: "9201"}
     plans = plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, env)
     assert [(p.grpc_own, p.http_own) for p in plans] == [
         ("127.0.0.1:9101", "127.0.0.1:9201"),
         ("127.0.0.1:9102", "127.0.0.1:9202"),
     ]
-    off = plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, {workers.PORTS_ENV: "off"})
+    off = plan_listens("127.0.0.1:9001", "127.0.0.1:9002", 2, {ports.PORTS_ENV: "off"})
     assert all(p.grpc_own == "" and p.http_own == "" for p in off)
-    with pytest.raises(ValueError, match=workers.PORTS_ENV):
-        plan_listens("127.0.0.1:9001", "", 2, {workers.PORTS_ENV: "sometimes"})
+    with pytest.raises(ValueError, match=ports.PORTS_ENV):
+        plan_listens("127.0.0.1:9001", "", 2, {ports.PORTS_ENV: "sometimes"})
     with pytest.raises(ValueError, match="out of range"):
         plan_listens("127.0.0.1:65535", "", 1, {})
 
