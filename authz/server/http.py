@@ -25,6 +25,10 @@ never-raise rule as the gRPC servicer: a check that raises is rendered as the ex
 
 Works on plain asyncio and on uvloop; choosing the loop is the application's business.
 
+Why over ~450 lines: the connection protocol and the server that owns its connections, tasks,
+limits and draining are one state machine (the protocol reads the server's fields on every
+callback); the pure conversions already live in ``http_convert``.
+
 Must not import grpc, prometheus or anything from ``authz._proto``.
 """
 
