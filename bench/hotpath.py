@@ -98,7 +98,9 @@ def deny_list(n: int, tid: str, azp: str, iat: int) -> list[RevocationRule]:
 async def measure(revocations: int = 0) -> dict[str, float]:
     with DevIdP(tenants=(CONTOSO,)) as idp:
         token = idp.mint(aud="api://orders", lifetime=7200)
-        text = AUTHZ_CONFIG.format(cache_max=5000, instance=idp.base_url, tenant=CONTOSO)
+        text = AUTHZ_CONFIG.format(
+            cache_max=5000, instance=idp.base_url, tenant=CONTOSO, limits="", redis=""
+        )
         settings = config_mod.parse(text, env={})
         with open(os.devnull, "w") as devnull:
             service = Service(

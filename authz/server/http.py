@@ -9,10 +9,12 @@ body and the headers matching ``allowed_client_headers`` to the client). Headers
 ``dynamic_metadata_from_headers`` become dynamic metadata in both cases: that is how the decision
 metadata (``x-authz-decision-id``, ``x-authz-code``, ...) reaches access logs.
 
-This module is the thin HTTP adapter around the decision core: request -> ``RequestAttrs`` (a
-plain function of what arrived), ``await check(attrs)`` -> ``Decision`` -> bytes
-(``render_decision``). It is a raw ``asyncio.Protocol`` driving ``httptools.HttpRequestParser``
-directly, because a framework stack costs ~4x the CPU per check (see docs/http-transport.md).
+This module is the thin HTTP adapter around the decision core, in the gRPC servicer's three
+seams: ``http_convert.request_to_attrs`` (what the parser read -> ``RequestAttrs``), ``await
+check(attrs)`` -> ``Decision``, ``http_convert.render_decision`` (-> bytes). Decision ids of the
+answers made here (internal error, rejections) come from the engine's ``new_decision_id``.
+It is a raw ``asyncio.Protocol`` driving ``httptools.HttpRequestParser`` directly, because a
+framework stack costs ~4x the CPU per check (see docs/http-transport.md).
 
 HTTP/1.1 handling: keep-alive (``Connection: close`` and HTTP/1.0 close after the answer),
 pipelining (answers in request order even when checks finish out of order), bounded URL, header
@@ -23,28 +25,34 @@ never-raise rule as the gRPC servicer: a check that raises is rendered as the ex
 
 Works on plain asyncio and on uvloop; choosing the loop is the application's business.
 
+Why over ~450 lines: the connection protocol and the server that owns its connections, tasks,
+limits and draining are one state machine (the protocol reads the server's fields on every
+callback); the pure conversions already live in ``http_convert``.
+
 Must not import grpc, prometheus or anything from ``authz._proto``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 import logging
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from http import HTTPStatus
-from types import MappingProxyType
 from typing import cast
 
 import httptools
 
-from authz.policy.decisions import deny, internal_error
-from authz.policy.errors import BadRequest, Code
+from authz.engine import new_decision_id
 from authz.policy.model import Decision, RequestAttrs
+from authz.server.http_convert import (
+    UnsafeHeaderError,
+    render_decision,
+    render_internal_error,
+    render_outside_prefix,
+    render_rejection,
+    request_to_attrs,
+)
 
 __all__ = [
     "CheckFn",
@@ -85,154 +93,6 @@ class HttpLimits:
         oversize token gets the engine's 401 ``token_too_large`` as over gRPC, not a 431."""
         header = max(65536, 2 * max_token_bytes + 16384)
         return cls(max_header_bytes=header, max_message_bytes=header + 8192 + 8192)
-
-
-def _status_line(status: int) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Unknown"
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode("ascii")
-
-
-# Precomputed once: status lines for every valid status, and the constant tails.
-_STATUS_LINES: dict[int, bytes] = {s: _status_line(s) for s in range(100, 600)}
-_ALLOW_STATUS = _STATUS_LINES[200]
-_CLOSE = b"connection: close\r\n"
-_EMPTY_TAIL = b"content-length: 0\r\n\r\n"
-_EMPTY_TAIL_CLOSE = b"content-length: 0\r\nconnection: close\r\n\r\n"
-_REMOVE = "x-envoy-auth-headers-to-remove"
-
-# Decision metadata travels as response headers: Envoy's dynamic_metadata_from_headers maps them
-# into the ext_authz namespace. The well-known keys come first and fall back to the Decision's own
-# fields, so decision id and code are always there; further metadata keys follow as
-# ``x-authz-<key with dashes>``.
-_META_HEADERS: tuple[tuple[str, str], ...] = (
-    ("decision_id", "x-authz-decision-id"),
-    ("code", "x-authz-code"),
-    ("api", "x-authz-api"),
-    ("route", "x-authz-route"),
-)
-_META_KNOWN = frozenset(k for k, _ in _META_HEADERS)
-_META_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
-
-
-@functools.lru_cache(maxsize=256)  # metadata keys are a handful of constants from code
-def _meta_header(key: str) -> str | None:
-    if not key or not set(key) <= _META_KEY_CHARS:
-        return None
-    return "x-authz-" + key.replace("_", "-")
-
-
-def _bad_request_bytes(status: int, code: str) -> bytes:
-    """A transport-level rejection (never reaches the engine), rendered once at import."""
-    body = f'{{"error":"invalid_request","code":"{code}"}}'.encode("ascii")
-    return b"".join(
-        (
-            _STATUS_LINES[status],
-            b"content-type: application/json\r\n",
-            f"x-authz-code: {code}\r\n".encode("ascii"),
-            f"content-length: {len(body)}\r\n".encode("ascii"),
-            _CLOSE,
-            b"\r\n",
-            body,
-        )
-    )
-
-
-_REJECT_BYTES: dict[int, bytes] = {
-    400: _bad_request_bytes(400, "invalid_request"),
-    413: _bad_request_bytes(413, "invalid_request"),
-    414: _bad_request_bytes(414, "invalid_request"),
-    431: _bad_request_bytes(431, "invalid_request"),
-    503: _bad_request_bytes(503, "internal_error"),
-}
-# A well-formed request whose path is not under path_prefix: answered, connection kept.
-_OUTSIDE_PREFIX = _REJECT_BYTES[400].replace(_CLOSE, b"")
-_OUTSIDE_PREFIX_HEAD = _OUTSIDE_PREFIX[: _OUTSIDE_PREFIX.index(b"\r\n\r\n") + 4]
-
-
-class UnsafeHeaderError(ValueError):
-    """A decision carried header text that would break HTTP framing (CR, LF or NUL)."""
-
-
-# ------------------------------------------------------------------------------------- rendering
-
-
-def render_decision(d: Decision, *, head: bool = False, close: bool = False) -> bytes:
-    """The complete HTTP/1.1 answer to Envoy for one decision.
-
-    Allow -> 200 with ``upstream_headers``, ``x-envoy-auth-headers-to-remove`` and the metadata
-    headers, empty body. Deny -> ``d.status`` with ``response_headers``, the metadata headers and
-    ``d.body`` (omitted, with its length kept, when answering a HEAD request, as HTTP demands).
-    Raises ``UnsafeHeaderError`` (or ``ValueError``) when the decision cannot be rendered safely; a
-    deny whose status Envoy would read as an allow (200) or that is not a final error/redirect
-    status counts as unsafe: the caller then renders ``internal_error`` instead.
-    """
-    if d.allowed:
-        status_line = _ALLOW_STATUS
-        fixed = _allow_block(d.upstream_headers, d.remove_headers)
-        body = b""
-    else:
-        if not 300 <= d.status <= 599:
-            raise ValueError(f"deny with status {d.status} would not read as a deny")
-        status_line = _STATUS_LINES[d.status]
-        fixed = _header_block([f"{n}: {v}" for n, v in d.response_headers])
-        body = d.body
-    meta = d.metadata
-    parts = [
-        f"x-authz-decision-id: {meta.get('decision_id') or d.decision_id}",
-        f"x-authz-code: {meta.get('code') or d.code}",
-    ]
-    api = meta.get("api") or d.api
-    if api:
-        parts.append(f"x-authz-api: {api}")
-    route = meta.get("route") or d.route
-    if route:
-        parts.append(f"x-authz-route: {route}")
-    if len(meta) > 2:
-        for key, value in meta.items():
-            if key not in _META_KNOWN and value and (name := _meta_header(key)):
-                parts.append(f"{name}: {value}")
-    parts.append(f"content-length: {len(body)}")
-    if close:
-        parts.append("connection: close")
-    head_bytes = status_line + fixed + _header_block(parts) + b"\r\n"
-    if head or not body:
-        return head_bytes
-    return head_bytes + body
-
-
-def _header_block(parts: list[str]) -> bytes:
-    """``name: value\\r\\n`` lines; raises UnsafeHeaderError when any text would break framing."""
-    if not parts:
-        return b""
-    block = "\r\n".join(parts)
-    # One scan each instead of per-value checks: every line break must be one of ours.
-    lines = len(parts) - 1
-    if block.count("\n") != lines or block.count("\r") != lines or "\x00" in block:
-        raise UnsafeHeaderError("header text contains CR, LF or NUL")
-    return block.encode("utf-8") + b"\r\n"
-
-
-_ALLOW_BLOCKS: dict[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], bytes] = {}
-_ALLOW_BLOCKS_MAX = 4096
-
-
-def _allow_block(upstream: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> bytes:
-    """The identity-header lines of an allow. The same caller gets the same headers on every
-    cached check, so they are rendered (and checked) once; the cache is bounded."""
-    key = (upstream, remove)
-    block = _ALLOW_BLOCKS.get(key)
-    if block is None:
-        parts = [f"{n}: {v}" for n, v in upstream]
-        if remove:
-            parts.append(f"{_REMOVE}: {','.join(remove)}")
-        block = _header_block(parts)
-        if len(_ALLOW_BLOCKS) >= _ALLOW_BLOCKS_MAX:
-            _ALLOW_BLOCKS.clear()
-        _ALLOW_BLOCKS[key] = block
-    return block
 
 
 # -------------------------------------------------------------------------------------- protocol
@@ -418,24 +278,10 @@ class _HttpCheckProtocol(asyncio.Protocol):
         if len(self._queue) >= self._limits.max_queued:
             raise _Reject(503)
         server = self._server
-        path = self._url.decode("latin-1")
-        prefix = server.path_prefix
-        if prefix:
-            if not path.startswith(prefix):
-                self._push_ready(self._outside_prefix(method, keep_alive))
-                return
-            path = path[len(prefix) :]
-        if not path.startswith("/"):
+        attrs = request_to_attrs(method, self._url, self._headers, server.path_prefix)
+        if attrs is None:
             self._push_ready(self._outside_prefix(method, keep_alive))
             return
-        headers = self._headers
-        attrs = RequestAttrs(
-            method=method,
-            path=path,
-            host=headers.get("host", ""),
-            headers=MappingProxyType(headers),
-            request_id=headers.get("x-request-id", ""),
-        )
         fast = server.check_now
         if fast is not None:
             # The common case decides without awaiting anything: answer now, no Task (a Task per
@@ -481,10 +327,10 @@ class _HttpCheckProtocol(asyncio.Protocol):
             self._flush()
 
     def _outside_prefix(self, method: str, keep_alive: bool) -> bytes:
-        if not keep_alive or self._server.draining:
+        close = not keep_alive or self._server.draining
+        if close:
             self._closing = True
-            return _REJECT_BYTES[400] if method != "HEAD" else _head_only(_REJECT_BYTES[400])
-        return _OUTSIDE_PREFIX if method != "HEAD" else _OUTSIDE_PREFIX_HEAD
+        return render_outside_prefix(head=method == "HEAD", close=close)
 
     def _push_ready(self, data: bytes) -> None:
         self._queue.append(_Slot(data))
@@ -565,10 +411,6 @@ class _HttpCheckProtocol(asyncio.Protocol):
             self._transport.abort()
 
 
-def _head_only(data: bytes) -> bytes:
-    return data[: data.index(b"\r\n\r\n") + 4]
-
-
 # ---------------------------------------------------------------------------------------- server
 
 
@@ -581,7 +423,9 @@ class HttpCheckServer:
     ``on_error`` is told about every exception a check raised (the answer is then the 503
     ``internal_error`` deny), e.g. to count it. ``check_now``, when given, is tried first: a
     synchronous check that returns the decision, or None when it needs I/O (then ``check`` runs
-    in a Task); both must decide identically.
+    in a Task); both must decide identically. ``new_id`` supplies the decision id of the answers
+    made here without the engine (internal error, transport rejections): by default the engine's
+    own ``new_decision_id``, as for the gRPC servicer.
     """
 
     def __init__(
@@ -592,8 +436,10 @@ class HttpCheckServer:
         on_error: ErrorHook | None = None,
         limits: HttpLimits | None = None,
         check_now: CheckNowFn | None = None,
+        new_id: Callable[[], str] = new_decision_id,
     ) -> None:
         self.check = check
+        self.new_id = new_id
         self.check_now = check_now
         self.path_prefix = path_prefix
         self.on_error = on_error
@@ -686,7 +532,7 @@ class HttpCheckServer:
     def internal_error_bytes(
         self, exc: BaseException, attrs: RequestAttrs, head: bool, close: bool
     ) -> bytes:
-        decision_id = uuid.uuid4().hex
+        decision_id = self.new_id()
         # Never the headers: they hold tokens. Type, ids and path are safe to log.
         log.error(
             "check failed; answering internal_error",
@@ -703,29 +549,14 @@ class HttpCheckServer:
                 self.on_error(exc)
             except Exception:
                 log.exception("on_error hook failed")
-        return render_decision(
-            internal_error(decision_id, attrs.request_id),
-            head=head,
-            close=close or self.draining,
+        return render_internal_error(
+            decision_id, attrs.request_id, head=head, close=close or self.draining
         )
 
     def reject_bytes(self, status: int, request_id: str) -> bytes:
         """An early transport rejection (400/413/414/431/503) in the same shape as an engine
         deny: JSON body with code and request_id, decision metadata, the 400 challenge."""
-        decision_id = uuid.uuid4().hex
-        if status == 503:
-            return render_decision(internal_error(decision_id, request_id), close=True)
-        base = deny(
-            BadRequest(Code.INVALID_REQUEST),
-            decision_id=decision_id,
-            request_id=request_id[:200],
-            api=None,
-            route=None,
-        )
-        try:
-            return render_decision(dataclasses.replace(base, status=status), close=True)
-        except ValueError:  # a request id that cannot be echoed safely is dropped
-            return _REJECT_BYTES[status]
+        return render_rejection(status, self.new_id(), request_id)
 
     def _schedule_sweep(self) -> None:
         limits = self.limits
