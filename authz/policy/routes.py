@@ -229,6 +229,11 @@ class RouteTable:
 
     def match(self, method: str, host: str, canonical_path: str) -> Route | None:
         """The first route (in config order) matching all three, or ``None``."""
+        index = self.match_index(method, host, canonical_path)
+        return None if index is None else self._routes[index]
+
+    def match_index(self, method: str, host: str, canonical_path: str) -> int | None:
+        """The position in ``routes`` of the first route matching all three, or ``None``."""
         if _SEP in method or _SEP in host:
             return None  # never sent by Envoy; refuse rather than let it shift the fields
         found = self._regex.fullmatch(f"{method}{_SEP}{normalize_host(host)}{_SEP}{canonical_path}")
@@ -236,7 +241,7 @@ class RouteTable:
             return None
         name = found.lastgroup
         assert name is not None
-        return self._routes[int(name[1:])]
+        return int(name[1:])
 
 
 class ApiSelector:
