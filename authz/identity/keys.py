@@ -458,10 +458,6 @@ class KeyStore:
                 for name in self._specs
             ]
 
-    async def run(self) -> None:
-        """Run the periodic refreshes until cancelled (for callers that manage their tasks)."""
-        await asyncio.gather(*(self._refresh_loop(name) for name in self._specs))
-
     async def close(self, *, drain: bool = True) -> None:
         """Stop the periodic refreshes at once; no fetch starts after this. With ``drain``, the
         refreshes in flight run to their end first, each bounded by its fetch timeout: a check may

@@ -20,7 +20,7 @@ from authz.policy.errors import (
     Code,
     Denial,
     Forbidden,
-    TooManyRequests,
+    RateLimited,
     Unauthenticated,
     Unavailable,
     UnknownSigningKey,
@@ -355,7 +355,7 @@ DENIALS = [
         "invalid_token",
         'Bearer realm="entra-authz"',
     ),
-    ("rate limited", TooManyRequests(Code.RATE_LIMITED), API, 429, "rate_limited", None),
+    ("rate limited", RateLimited("per-client", ()), API, 429, "rate_limited", None),
     (
         "keys unavailable",
         Unavailable(Code.KEYS_UNAVAILABLE),
