@@ -39,6 +39,10 @@ from authz.policy.headers import METHOD_OVERRIDE_HEADERS
 from authz.policy.model import (
     ANONYMOUS,
     AUTHENTICATED,
+    CONSUMERS,
+    GUID_RE,
+    MULTI_TENANT,
+    SUPPORTED_ALGORITHMS,
     ApiSpec,
     Clause,
     HeaderContract,
@@ -52,6 +56,7 @@ from authz.policy.model import (
     TokenSettings,
 )
 from authz.policy.revocation import DEFAULT_MAX_RULE_LIFETIME_S
+from authz.policy.routes import split_host_port
 
 ENV_OVERRIDES = {
     "AUTHZ_GRPC_LISTEN": "grpc_listen",
@@ -60,9 +65,6 @@ ENV_OVERRIDES = {
     "AUTHZ_WORKERS": "workers",
 }
 
-MULTI_TENANT = ("common", "organizations", "consumers")
-SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512")
-GUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
@@ -320,10 +322,9 @@ class _Issuer(_Model):
             raise ValueError(f"expected an https URL like https://login.microsoftonline.com: {v!r}")
         # The host is what follows any 'user@': http://127.0.0.1:80@remote.example is remote.
         userinfo, at, hostport = m.group(2).rpartition("@")
-        if hostport.startswith("["):
-            host = hostport[1 : hostport.find("]")]
-        else:
-            host = hostport.rsplit(":", 1)[0]
+        host = split_host_port(hostport)[0]
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
         if m.group(1) == "http" and host.lower() not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("plain http is only allowed for a local dev-idp (127.0.0.1)")
         if at:
@@ -334,9 +335,11 @@ class _Issuer(_Model):
     @classmethod
     def _tenant(cls, v: str) -> str:
         v = v.lower()
-        if v in MULTI_TENANT or GUID_RE.match(v) or DOMAIN_RE.match(v):
+        if v in MULTI_TENANT or v == CONSUMERS or GUID_RE.fullmatch(v) or DOMAIN_RE.match(v):
             return v
-        raise ValueError(f"expected a tenant GUID, a domain, 'common' or 'organizations': {v!r}")
+        raise ValueError(
+            f"expected a tenant GUID, a domain, 'common', 'organizations' or 'consumers': {v!r}"
+        )
 
     @field_validator("versions")
     @classmethod
@@ -349,7 +352,7 @@ class _Issuer(_Model):
     @field_validator("allowed_tenants")
     @classmethod
     def _allowed(cls, v: list[str]) -> list[str]:
-        bad = [x for x in v if not GUID_RE.match(x.lower())]
+        bad = [x for x in v if not GUID_RE.fullmatch(x.lower())]
         if bad:
             raise ValueError(f"allowed tenants must be tenant id GUIDs, got {bad}")
         return [x.lower() for x in v]
@@ -431,7 +434,7 @@ class _Clause(_Model):
     @field_validator("tenants", "groups_any", "clients")
     @classmethod
     def _guids(cls, v: list[str]) -> list[str]:
-        bad = [x for x in v if not GUID_RE.match(x.lower())]
+        bad = [x for x in v if not GUID_RE.fullmatch(x.lower())]
         if bad:
             raise ValueError(f"expected object id GUIDs, got {bad}")
         return [x.lower() for x in v]

@@ -25,15 +25,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from authz.config import Settings
 from authz.identity.bearer import extract_bearer
 from authz.identity.entra import TokenVerifier
-from authz.policy.authorize import authorize
-from authz.policy.decisions import allow, deny
+from authz.policy.authorize import CompiledRequirement
+from authz.policy.decisions import ResponsePlan
 from authz.policy.errors import Code, Denial, Forbidden, Unauthenticated, UnknownSigningKey
-from authz.policy.model import ApiSpec, Decision, Mode, Principal, RequestAttrs, Route
+from authz.policy.model import (
+    ApiSpec,
+    Decision,
+    HeaderContract,
+    Mode,
+    Principal,
+    RequestAttrs,
+    Route,
+)
 from authz.policy.paths import canonicalize
 from authz.policy.ratelimit import Counters, RateLimiter
 from authz.policy.revocation import EMPTY, RevocationSet, RevocationView, revocation_denial
@@ -56,6 +66,29 @@ def new_decision_id() -> str:
         return _id_pool.pop()
 
 
+@dataclass(frozen=True, slots=True)
+class ApiPlan:
+    """One API compiled for checking, when the engine is built: its route table, each route's
+    requirement compiled (``requirements[i]`` is ``table.routes[i]``'s), the default's, and the
+    responses (identity-header plan, challenges). Nothing is compiled on the check path."""
+
+    api: ApiSpec
+    table: RouteTable
+    requirements: tuple[CompiledRequirement, ...]
+    default: CompiledRequirement | None
+    responses: ResponsePlan
+
+    @classmethod
+    def build(cls, api: ApiSpec, contract: HeaderContract, authorization_uri: str) -> ApiPlan:
+        table = RouteTable.build(api)
+        requirements = tuple(CompiledRequirement(route.require) for route in table.routes)
+        default = CompiledRequirement(api.default) if api.default is not None else None
+        compiled = (*requirements, *((default,) if default is not None else ()))
+        extra = [denial for req in compiled for denial in req.challenge_denials()]
+        responses = ResponsePlan(api, contract, authorization_uri, extra)
+        return cls(api, table, requirements, default, responses)
+
+
 class Engine:
     def __init__(
         self,
@@ -74,18 +107,20 @@ class Engine:
         self._revocations: RevocationView = revocations or _NoRevocations()
         self._clock = clock
         self._selector = ApiSelector(settings.apis)
-        self._tables = {api.name: RouteTable.build(api) for api in settings.apis}
-        self._contract = settings.headers
-        self._authorization_uri = settings.authorization_uri
+        # Everything a check needs from the configuration, compiled here and only here.
+        uri = settings.authorization_uri
+        self.plans: Mapping[str, ApiPlan] = MappingProxyType(
+            {api.name: ApiPlan.build(api, settings.headers, uri) for api in settings.apis}
+        )
+        self._no_api = ResponsePlan(None, settings.headers, uri)  # unknown_api denials
         # Rate-limit counters outlive the engine (a reload keeps them): the service passes its own.
         limiter = RateLimiter(settings.apis, counters if counters is not None else Counters())
         self.limiter: RateLimiter | None = limiter if limiter.active else None
-        self._clock = clock
 
     def check(self, attrs: RequestAttrs) -> Decision:
         """Decide one request. Raises only on bugs; the transport turns those into a 503."""
         decision_id = self._new_id()
-        api: ApiSpec | None = None
+        plan: ApiPlan | None = None
         route: Route | None = None
         principal: Principal | None = None
         mode = Mode.ENFORCE
@@ -94,13 +129,15 @@ class Engine:
             api = self._selector.select(attrs.context, attrs.host, path)
             if api is None:
                 raise Forbidden(Code.UNKNOWN_API)
+            plan = self.plans[api.name]
             mode = api.mode
-            route = self._tables[api.name].match(attrs.method, attrs.host, path)
-            if route is not None:
-                requirement = route.require
+            index = plan.table.match_index(attrs.method, attrs.host, path)
+            if index is not None:
+                route = plan.table.routes[index]
+                requirement = plan.requirements[index]
                 mode = route.mode or api.mode
-            elif api.default is not None:
-                requirement = api.default
+            elif plan.default is not None:
+                requirement = plan.default
             else:
                 raise Forbidden(Code.NO_MATCHING_ROUTE)
 
@@ -108,7 +145,7 @@ class Engine:
                 # A token on an anonymous route is optional: it feeds identity headers only if
                 # it verifies; anything wrong with it just means "anonymous".
                 principal = self._try_identity(attrs, api)
-                return self._allow_limited(decision_id, attrs, api, route, principal)
+                return self._allow_limited(decision_id, attrs, plan, route, principal)
 
             token = extract_bearer(attrs.headers, _query(attrs.path))
             if token is None:
@@ -117,19 +154,20 @@ class Engine:
             revoked = self._revocations.current.match(principal, self._clock)
             if revoked:
                 raise revocation_denial(revoked, principal)
-            authorize(requirement, principal)
-            return self._allow_limited(decision_id, attrs, api, route, principal)
+            requirement.check(principal)
+            return self._allow_limited(decision_id, attrs, plan, route, principal)
         except Denial as denial:
-            if mode is Mode.DRY_RUN and api is not None and denial.code is not Code.TOKEN_REVOKED:
-                return self._allow(decision_id, attrs, api, route, principal, denial)
-            decision = deny(
+            if mode is Mode.DRY_RUN and plan is not None and denial.code is not Code.TOKEN_REVOKED:
+                return plan.responses.allow(
+                    decision_id=decision_id, route=route, principal=principal, would_deny=denial
+                )
+            responses = plan.responses if plan is not None else self._no_api
+            decision = responses.deny(
                 denial,
                 decision_id=decision_id,
                 request_id=attrs.request_id,
-                api=api,
                 route=route,
                 principal=principal,
-                authorization_uri=self._authorization_uri,
             )
             if isinstance(denial, UnknownSigningKey):
                 decision = dataclasses.replace(
@@ -151,37 +189,21 @@ class Engine:
         self,
         decision_id: str,
         attrs: RequestAttrs,
-        api: ApiSpec,
+        plan: ApiPlan,
         route: Route | None,
         principal: Principal | None,
     ) -> Decision:
         """Phase 5: an allowed request meets its rate limits (a dry-run limit only reports)."""
         limiter = self.limiter
-        if limiter is not None:
-            over = limiter.check(api, route, principal, attrs, self._clock())
-            if over is not None:
-                if not over.dry_run:
-                    raise over
-                return self._allow(decision_id, attrs, api, route, principal, over)
-        return self._allow(decision_id, attrs, api, route, principal, None)
-
-    def _allow(
-        self,
-        decision_id: str,
-        attrs: RequestAttrs,
-        api: ApiSpec,
-        route: Route | None,
-        principal: Principal | None,
-        would_deny: Denial | None,
-    ) -> Decision:
-        return allow(
-            decision_id=decision_id,
-            request_id=attrs.request_id,
-            api=api,
-            route=route,
-            principal=principal,
-            contract=self._contract,
-            would_deny=would_deny,
+        over = (
+            None
+            if limiter is None
+            else limiter.check(plan.api, route, principal, attrs, self._clock())
+        )
+        if over is not None and not over.dry_run:
+            raise over
+        return plan.responses.allow(
+            decision_id=decision_id, route=route, principal=principal, would_deny=over
         )
 
 

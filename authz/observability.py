@@ -441,9 +441,28 @@ def rfc3339(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
+# The attributes every LogRecord has; anything else on a record came from ``extra=``.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+_OWN_KEYS = frozenset({"ts", "level", "logger", "msg", "worker", "exc"})
+
+
+def _extra_value(value: Any) -> Any:
+    """A JSON-ready ``extra=`` value, with anything shaped like a JWT redacted."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    return JWT_RE.sub(REDACTED, text) if "eyJ" in text else text
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: RFC 3339 ``ts``, ``level``, ``logger``, ``msg``, the known
-    extra fields, and ``worker`` (the worker index) on every line a worker process writes."""
+    """One JSON object per line: RFC 3339 ``ts``, ``level``, ``logger``, ``msg``, every field the
+    caller passed with ``extra=`` (in the order given; ``None`` values left out; a name clashing
+    with one of ours is not written), and ``worker`` (the worker index) on every line a worker
+    process writes."""
 
     def __init__(self, *, worker: int | None = None) -> None:
         super().__init__()
@@ -456,10 +475,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key in ("issuer", "code", "path", "error", "reason", "result"):
-            value = getattr(record, key, None)
-            if value is not None:
-                out[key] = value
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and key not in _OWN_KEYS and value is not None:
+                out[key] = _extra_value(value)
         if self._worker is not None:
             out["worker"] = self._worker
         if record.exc_info:

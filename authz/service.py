@@ -271,10 +271,6 @@ class Service:
         self.metrics.record_check(decision, elapsed)
         self.audit.record(attrs, decision, elapsed)
 
-    def check_sync(self, attrs: RequestAttrs) -> Decision:
-        """The engine alone, for offline tools (``authz explain``) and benchmarks."""
-        return self._state.engine.check(attrs)
-
     def housekeeping(self) -> None:
         """Periodic, off the check path: fold cache counters into metrics, flush the audit log."""
         self.sync_cache_metrics()

@@ -37,7 +37,6 @@ from authz.devidp import CONTOSO, DevIdP
 from authz.engine import new_decision_id
 from authz.identity.bearer import extract_bearer
 from authz.observability import AuditLog, Metrics
-from authz.policy.authorize import authorize
 from authz.policy.model import RequestAttrs
 from authz.policy.paths import canonicalize
 from authz.policy.revocation import EMPTY, RevocationRule, RevocationSet
@@ -138,8 +137,10 @@ def _stages(service: Service, token: str) -> dict[str, float]:
     engine = service._state.engine
     api = engine._selector.select(attrs.context, "bench", PATH)
     assert api is not None
-    route = engine._tables[api.name].match("GET", "bench", PATH)
-    assert route is not None
+    plan = engine.plans[api.name]
+    index = plan.table.match_index("GET", "bench", PATH)
+    assert index is not None
+    requirement = plan.requirements[index]
     principal = engine._verifier.verify(token, api)
     out = {
         "whole check (parse, decide, record, render, write)": best_us(
@@ -151,10 +152,10 @@ def _stages(service: Service, token: str) -> dict[str, float]:
         "      API selection": best_us(
             lambda: engine._selector.select(attrs.context, "bench", PATH)
         ),
-        "      route match": best_us(lambda: engine._tables[api.name].match("GET", "bench", PATH)),
+        "      route match": best_us(lambda: plan.table.match_index("GET", "bench", PATH)),
         "      extract_bearer": best_us(lambda: extract_bearer(headers, "")),
         "      verify (cached)": best_us(lambda: engine._verifier.verify(token, api)),
-        "      authorize": best_us(lambda: authorize(route.require, principal)),
+        "      authorize": best_us(lambda: requirement.check(principal)),
         "      new_decision_id": best_us(new_decision_id),
         "    Metrics.record_check": best_us(lambda: service.metrics.record_check(decision, 1e-5)),
         "    AuditLog.record": best_us(lambda: service.audit.record(attrs, decision, 1e-5)),

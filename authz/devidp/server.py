@@ -33,7 +33,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -56,6 +55,7 @@ from authz.devidp.tokens import (
     build_header,
     sign_jws,
 )
+from authz.policy.model import CONSUMERS, GUID_RE, MULTI_TENANT
 
 __all__ = [
     "BANNER",
@@ -73,8 +73,6 @@ FABRIKAM: Final = "22222222-2222-4222-8222-222222222222"
 MSA_TENANT: Final = "9188040d-6c67-4c5b-b112-36a304b66dad"
 
 TENANT_TEMPLATE: Final = "{tenantid}"
-_MULTI_TENANT: Final = frozenset({"common", "organizations"})
-_GUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 BANNER: Final = (
     "\n"
@@ -137,7 +135,7 @@ class DevIdP:
     ) -> None:
         self._tenants = tuple(t.lower() for t in tenants)
         for tid in self._tenants:
-            if not _GUID.match(tid):
+            if not GUID_RE.fullmatch(tid):
                 raise ValueError(f"tenant must be a GUID, not {tid!r}")
         self._domains = {d.lower(): t.lower() for d, t in (domains or {}).items()}
         for domain, tid in self._domains.items():
@@ -439,9 +437,9 @@ class DevIdP:
         with self._lock:
             if low in self._deleted or self._domains.get(low) in self._deleted:
                 return None
-        if low in _MULTI_TENANT:
+        if low in MULTI_TENANT:
             return _Resolved(low, TENANT_TEMPLATE)
-        if low == "consumers":
+        if low == CONSUMERS:
             return _Resolved(low, MSA_TENANT)
         if low in self._tenants or low == MSA_TENANT:
             return _Resolved(low, low)

@@ -61,10 +61,6 @@ class ClaimsCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    @property
-    def size(self) -> int:
-        return len(self._entries)
-
     def get(self, key: bytes) -> CachedIdentity | None:
         item = self._entries.get(key)
         if item is None:
@@ -92,20 +88,6 @@ class ClaimsCache:
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
             self.evictions += 1
-
-    def invalidate_key(self, issuer: str, kid: str) -> int:
-        """Drop every entry vouched for by ``issuer`` with key ``kid``; returns how many.
-
-        Not needed for correctness (hits re-check the kid against the current snapshot), but lets
-        a key store free memory eagerly when it retires a key."""
-        doomed = [
-            k
-            for k, (_, v) in self._entries.items()
-            if v.kid == kid and v.principal.provider == issuer
-        ]
-        for k in doomed:
-            self._entries.pop(k, None)
-        return len(doomed)
 
     def clear(self) -> None:
         self._entries.clear()

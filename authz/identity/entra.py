@@ -54,13 +54,19 @@ from jwt.algorithms import get_default_algorithms
 
 from authz.identity.cache import CachedIdentity, ClaimsCache
 from authz.policy.errors import Code, Denial, Unauthenticated, Unavailable, UnknownSigningKey
-from authz.policy.model import ApiSpec, IssuerSpec, Principal, TokenKind, TokenSettings
+from authz.policy.model import (
+    GUID_RE,
+    SUPPORTED_ALGORITHMS,
+    ApiSpec,
+    IssuerSpec,
+    Principal,
+    TokenKind,
+    TokenSettings,
+)
 
 __all__ = [
     "FORBIDDEN_HEADER_PARAMETERS",
-    "GUID_RE",
     "KID_RE",
-    "RSA_ALGORITHMS",
     "KeySnapshot",
     "KeySource",
     "SigningKey",
@@ -124,7 +130,6 @@ class KeySource(Protocol):
 
 # -------------------------------------------------------------------------------------- syntax
 
-GUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 KID_RE = re.compile(r"[A-Za-z0-9_\-.=]{1,128}")
 # The last character of an unpadded base64url segment must leave the unused bits zero
 # (RFC 4648 §3.5, canonical encoding): 2 chars left over -> 4 unused bits, 3 -> 2 unused bits.
@@ -132,7 +137,6 @@ _LAST_OF_2 = frozenset("AQgw")
 _LAST_OF_3 = frozenset("AEIMQUYcgkosw048")
 
 FORBIDDEN_HEADER_PARAMETERS = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64", "nonce"})
-RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 _TEMPLATE = "{tenantid}"
 _MAX_CACHED_HEADERS = 256
 _APP, _USER = TokenKind.APP, TokenKind.USER
@@ -287,10 +291,12 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
         cache: ClaimsCache | None = None,
     ) -> None:
-        bad = sorted(set(settings.algorithms) - RSA_ALGORITHMS)
+        bad = sorted(set(settings.algorithms) - set(SUPPORTED_ALGORITHMS))
         if bad or not settings.algorithms:
             # Entra signs with RSA keys; an HMAC or EC algorithm with an RSA key is key confusion.
-            raise ValueError(f"unsupported token algorithm(s) {bad}; allowed: RS*/PS*")
+            raise ValueError(
+                f"unsupported token algorithm(s) {bad}; supported: {SUPPORTED_ALGORITHMS}"
+            )
         every = get_default_algorithms()
         self._algorithms = {name: every[name] for name in settings.algorithms}
         self._max_bytes = settings.max_token_bytes

@@ -61,9 +61,9 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 
-from authz.identity.entra import GUID_RE, KID_RE, KeySnapshot, SigningKey
+from authz.identity.entra import KID_RE, KeySnapshot, SigningKey
 from authz.identity.fetch import describe_fetch_error
-from authz.policy.model import IssuerSpec
+from authz.policy.model import GUID_PATTERN, GUID_RE, IssuerSpec
 
 __all__ = [
     "FetchFailed",
@@ -88,9 +88,7 @@ MAX_DOCUMENT_BYTES = 512 * 1024  # Entra's documents are a few KB; never buffer 
 MIN_RSA_BITS = 2048
 RETRY_BASE_S = 5.0  # first retry after a failed refresh; doubles up to refresh_interval_s
 KEY_ISSUER_VERSION = "2.0"  # always fetched: only v2 JWKS entries carry the key's 'issuer'
-_GUID_SEGMENT = re.compile(
-    r"/([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})(?=/|$)"
-)
+_GUID_SEGMENT = re.compile(rf"/({GUID_PATTERN})(?=/|$)")
 _TEMPLATE = "{tenantid}"
 _T = TypeVar("_T")
 _OK = ("ok", "unchanged")
@@ -459,10 +457,6 @@ class KeyStore:
                 asyncio.create_task(self._refresh_loop(name), name=f"authz.keys:{name}")
                 for name in self._specs
             ]
-
-    async def run(self) -> None:
-        """Run the periodic refreshes until cancelled (for callers that manage their tasks)."""
-        await asyncio.gather(*(self._refresh_loop(name) for name in self._specs))
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop the periodic refreshes at once; no fetch starts after this. With ``drain``, the

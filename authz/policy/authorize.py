@@ -23,7 +23,8 @@ scope names the failing clause required, sorted, space-separated, and only for m
 missing_scope: it comes from configuration, never from the token, and allowlists of tenants,
 clients and groups are not advertised.
 
-Requirements are compiled once (cached by identity), so a check is a few set operations.
+The engine compiles every configured requirement once, when it is built (``CompiledRequirement``),
+so a check is a few set operations; nothing here caches.
 
 Pure module: no grpc, prometheus, asyncio or network imports.
 """
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 from authz.policy.errors import ClaimsChallenge, Code, Denial, Forbidden
 from authz.policy.model import Clause, Principal, Requirement, TokenKind
 
-__all__ = ["CompiledRequirement", "authorize", "compile_requirement"]
+__all__ = ["CompiledRequirement", "authorize"]
 
 _TOKEN_KIND, _TENANT, _CLIENT, _ROLE, _SCOPE, _GROUP, _AUTH_CONTEXT = range(1, 8)
 _CAN_ANSWER_CLAIMS_CHALLENGE = "cp1"
@@ -147,25 +148,23 @@ class CompiledRequirement:
         assert best is not None
         raise best.denial(best_step, p)
 
-
-# Compiled requirements by identity. The entry keeps the Requirement alive, so its id cannot be
-# reused while cached; the cache is cleared wholesale if reloads ever grow it past the bound.
-_CACHE: dict[int, tuple[Requirement, CompiledRequirement]] = {}
-_CACHE_MAX = 4096
-
-
-def compile_requirement(req: Requirement) -> CompiledRequirement:
-    """The compiled form of ``req`` (memoised by identity)."""
-    entry = _CACHE.get(id(req))
-    if entry is not None and entry[0] is req:
-        return entry[1]
-    compiled = CompiledRequirement(req)
-    if len(_CACHE) >= _CACHE_MAX:
-        _CACHE.clear()
-    _CACHE[id(req)] = (req, compiled)
-    return compiled
+    def challenge_denials(self) -> tuple[Denial, ...]:
+        """The denials carrying configuration-derived challenge parameters this requirement can
+        raise (scope names, claims JSON), so their ``WWW-Authenticate`` can be rendered ahead."""
+        out: list[Denial] = []
+        for clause in self._clauses:
+            if clause.role_names:
+                out.append(Forbidden(Code.MISSING_ROLE, required_scope=clause.role_names))
+            if clause.scope_names:
+                out.append(Forbidden(Code.MISSING_SCOPE, required_scope=clause.scope_names))
+            if clause.claims_json:
+                out.append(ClaimsChallenge(Code.AUTH_CONTEXT_REQUIRED, clause.claims_json))
+        return tuple(out)
 
 
 def authorize(req: Requirement, p: Principal) -> None:
-    """Raise ``Forbidden`` or ``ClaimsChallenge`` unless ``p`` satisfies ``req``."""
-    compile_requirement(req).check(p)
+    """Raise ``Forbidden`` or ``ClaimsChallenge`` unless ``p`` satisfies ``req``.
+
+    Compiles ``req`` for this one call (tools, tests); the engine compiles every configured
+    requirement once, when it is built, and calls ``CompiledRequirement.check``."""
+    CompiledRequirement(req).check(p)

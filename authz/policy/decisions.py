@@ -21,8 +21,8 @@ an OAuth-style error and ``code`` our stable denial code:
 ``R`` is the API's realm, else its name, else ``entra-authz``; ``U`` is the configured
 authorization endpoint (default Entra's ``common``). ``resource_metadata="..."`` is appended to
 every challenge when the API sets it. Values are quoted with ``\\`` escapes and stripped of
-control characters; nothing in a challenge comes from the request or the token. Rendered
-challenges are cached per (API, denial shape).
+control characters; nothing in a challenge comes from the request or the token. The engine
+renders each API's challenges once, when it is built (``ResponsePlan``).
 
 Dynamic metadata (allow and deny alike): ``decision_id``, ``api``, ``route``, ``code``, ``oid``,
 ``tid``, ``azp``; strings, empty when unknown. A rate-limited decision (or dry-run would-limit)
@@ -35,16 +35,26 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from authz.policy.errors import MEANING, ClaimsChallenge, Code, Denial, Forbidden, RateLimited
+from authz.policy.errors import (
+    MEANING,
+    BadRequest,
+    ClaimsChallenge,
+    Code,
+    Denial,
+    Forbidden,
+    RateLimited,
+    Unauthenticated,
+)
 from authz.policy.headers import HeaderPlan
 from authz.policy.model import ApiSpec, Decision, HeaderContract, Principal, Route
 
 __all__ = [
     "DEFAULT_AUTHORIZATION_URI",
     "DEFAULT_REALM",
+    "ResponsePlan",
     "allow",
     "deny",
     "internal_error",
@@ -55,7 +65,6 @@ DEFAULT_REALM = "entra-authz"
 DEFAULT_AUTHORIZATION_URI = "https://login.microsoftonline.com/common/oauth2/authorize"
 _JSON = ("content-type", "application/json")
 _NO_CHALLENGE_403 = frozenset({Code.UNKNOWN_API, Code.NO_MATCHING_ROUTE})
-_CACHE_MAX = 4096
 _OK = Code.OK.value
 _OK_REASON = MEANING[Code.OK]
 
@@ -84,21 +93,6 @@ def _metadata(
 
 # ---------------------------------------------------------------------------------------- allow
 
-# Header plans by (id(api), id(contract)); entries keep both alive so ids cannot be reused.
-_PLANS: dict[tuple[int, int], tuple[ApiSpec | None, HeaderContract, HeaderPlan]] = {}
-
-
-def _plan(api: ApiSpec | None, contract: HeaderContract) -> HeaderPlan:
-    key = (id(api), id(contract))
-    entry = _PLANS.get(key)
-    if entry is not None and entry[0] is api and entry[1] is contract:
-        return entry[2]
-    plan = HeaderPlan(api, contract)
-    if len(_PLANS) >= _CACHE_MAX:
-        _PLANS.clear()
-    _PLANS[key] = (api, contract, plan)
-    return plan
-
 
 def allow(
     *,
@@ -110,13 +104,25 @@ def allow(
     contract: HeaderContract,
     would_deny: Denial | None = None,
 ) -> Decision:
-    """An allow carrying the identity-header contract (see ``authz.policy.headers``).
+    """An allow carrying the identity-header contract (see ``authz.policy.headers``), the header
+    plan compiled for this one call (tools, tests; the engine uses ``ResponsePlan.allow``).
 
     ``would_deny`` (dry-run): the request is still allowed, but ``code``/``reason`` are the
     denial's and ``would_deny`` is True. ``request_id`` is accepted for symmetry with ``deny``.
     """
     del request_id  # allows have no body to carry it
-    upstream, remove = _plan(api, contract).render(principal)
+    return _allow(HeaderPlan(api, contract), decision_id, api, route, principal, would_deny)
+
+
+def _allow(
+    headers: HeaderPlan,
+    decision_id: str,
+    api: ApiSpec | None,
+    route: Route | None,
+    principal: Principal | None,
+    would_deny: Denial | None,
+) -> Decision:
+    upstream, remove = headers.render(principal)
     if would_deny is None:
         code, reason = _OK, _OK_REASON
     else:
@@ -199,31 +205,28 @@ def _render_challenge(denial: Denial, api: ApiSpec | None, authorization_uri: st
     return "Bearer " + ", ".join(params)
 
 
-_CHALLENGES: dict[tuple[int, str, str, str, str, int], tuple[ApiSpec | None, str | None]] = {}
-
-
 def www_authenticate(
     denial: Denial,
     api: ApiSpec | None,
     authorization_uri: str = DEFAULT_AUTHORIZATION_URI,
 ) -> str | None:
     """The ``WWW-Authenticate`` value for ``denial`` (``None`` when it gets no challenge)."""
-    key = (
-        id(api),
+    return _render_challenge(denial, api, authorization_uri)
+
+
+# What a challenge depends on besides the API: claims challenge or not, status, code, scope, claims.
+_Shape = tuple[bool, int, str, str, str]
+
+
+def _shape(denial: Denial) -> _Shape:
+    claims = isinstance(denial, ClaimsChallenge)
+    return (
+        claims,
+        denial.status,
         denial.code.value,
         denial.required_scope if isinstance(denial, Forbidden) else "",
         denial.claims_json if isinstance(denial, ClaimsChallenge) else "",
-        authorization_uri,
-        denial.status,
     )
-    entry = _CHALLENGES.get(key)
-    if entry is not None and entry[0] is api:
-        return entry[1]
-    rendered = _render_challenge(denial, api, authorization_uri)
-    if len(_CHALLENGES) >= _CACHE_MAX:
-        _CHALLENGES.clear()
-    _CHALLENGES[key] = (api, rendered)
-    return rendered
 
 
 def _body(error: str, code: str, request_id: str) -> bytes:
@@ -243,9 +246,22 @@ def deny(
     principal: Principal | None = None,
     authorization_uri: str = DEFAULT_AUTHORIZATION_URI,
 ) -> Decision:
-    """A deny with the status the denial's phase fixed, its challenge, and the JSON body."""
+    """A deny with the status the denial's phase fixed, its challenge, and the JSON body; the
+    challenge rendered for this one call (the engine uses ``ResponsePlan.deny``)."""
+    challenge = _render_challenge(denial, api, authorization_uri)
+    return _deny(denial, challenge, decision_id, request_id, api, route, principal)
+
+
+def _deny(
+    denial: Denial,
+    challenge: str | None,
+    decision_id: str,
+    request_id: str,
+    api: ApiSpec | None,
+    route: Route | None,
+    principal: Principal | None,
+) -> Decision:
     code = denial.code.value
-    challenge = www_authenticate(denial, api, authorization_uri)
     headers: tuple[tuple[str, str], ...] = (
         (("www-authenticate", challenge), _JSON) if challenge is not None else (_JSON,)
     )
@@ -264,6 +280,65 @@ def deny(
         metadata=_metadata(decision_id, code, api, route, principal, denial),
         principal=principal,
     )
+
+
+class ResponsePlan:
+    """What one API's decisions render that configuration alone fixes, prepared once when the
+    engine is built: its identity-header plan and its ``WWW-Authenticate`` challenges.
+
+    Challenges are rendered ahead for every code in the three challenge-carrying phases (400,
+    401, 403) and for the denials the API's requirements can raise (``extra``: their scope names
+    and claims JSON). A denial whose parameters come from data instead (a revocation rule's
+    ``nbf`` claims challenge) is rendered when it happens, and not kept."""
+
+    __slots__ = ("_challenges", "api", "authorization_uri", "headers")
+
+    def __init__(
+        self,
+        api: ApiSpec | None,
+        contract: HeaderContract,
+        authorization_uri: str = DEFAULT_AUTHORIZATION_URI,
+        extra: Iterable[Denial] = (),
+    ) -> None:
+        self.api = api
+        self.authorization_uri = authorization_uri
+        self.headers = HeaderPlan(api, contract)
+        kinds = (BadRequest, Unauthenticated, Forbidden)
+        standard = [kind(code) for code in Code if code is not Code.OK for kind in kinds]
+        self._challenges: Mapping[_Shape, str | None] = MappingProxyType(
+            {_shape(d): _render_challenge(d, api, authorization_uri) for d in (*standard, *extra)}
+        )
+
+    def challenge(self, denial: Denial) -> str | None:
+        """The ``WWW-Authenticate`` value for ``denial`` (``None`` when it gets no challenge)."""
+        shape = _shape(denial)
+        if shape in self._challenges:
+            return self._challenges[shape]
+        return _render_challenge(denial, self.api, self.authorization_uri)
+
+    def allow(
+        self,
+        *,
+        decision_id: str,
+        route: Route | None,
+        principal: Principal | None,
+        would_deny: Denial | None = None,
+    ) -> Decision:
+        """``allow`` with this API's prepared header plan."""
+        return _allow(self.headers, decision_id, self.api, route, principal, would_deny)
+
+    def deny(
+        self,
+        denial: Denial,
+        *,
+        decision_id: str,
+        request_id: str,
+        route: Route | None,
+        principal: Principal | None = None,
+    ) -> Decision:
+        """``deny`` with this API's prepared challenges."""
+        challenge = self.challenge(denial)
+        return _deny(denial, challenge, decision_id, request_id, self.api, route, principal)
 
 
 def internal_error(decision_id: str, request_id: str = "") -> Decision:

@@ -12,8 +12,7 @@ they never pick HTTP statuses themselves.
     │   └── ClaimsChallenge 401 auth_context_required, when the client can answer a claims challenge
     │                           (and token_revoked, when a newer token would pass: CAE's nbf)
     ├── Forbidden           403 no_matching_route, missing_role, missing_scope, ...
-    ├── TooManyRequests     429 rate_limited
-    │   └── RateLimited     429 rate_limited, with Retry-After and the RateLimit headers
+    ├── RateLimited         429 rate_limited, with Retry-After and the RateLimit headers
     └── Unavailable         503 keys_unavailable, internal_error
 
 The code is a stable snake_case string: it is the Prometheus label, the audit-log field, the Envoy
@@ -166,14 +165,12 @@ class Forbidden(Denial):
         self.required_scope = required_scope
 
 
-class TooManyRequests(Denial):
-    status = 429
-
-
-class RateLimited(TooManyRequests):
+class RateLimited(Denial):
     """A rate limit was exceeded (``authz.policy.ratelimit``). ``headers`` are the
     ``Retry-After``/``RateLimit-Policy``/``RateLimit`` response headers (from configuration and
     counters only); ``limit`` names the limit, ``dry_run`` says it is only counted and logged."""
+
+    status = 429
 
     def __init__(
         self, limit: str, headers: tuple[tuple[str, str], ...], *, dry_run: bool = False

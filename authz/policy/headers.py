@@ -114,9 +114,11 @@ class HeaderPlan:
         )
         self.strip_authorization = api is None or not api.forward_authorization
         self._remove_all = self._names + ((AUTHORIZATION,) if self.strip_authorization else ())
-        # Rendered headers by principal identity. Verified principals come from the token cache,
-        # so a token's repeat requests reuse one object; the entry keeps it alive, so its id
-        # cannot be reused while cached.
+        # Rendered headers by principal identity: a cache whose key is request data (the verified
+        # token), so it cannot be compiled ahead like the rest of the plan. Verified principals
+        # come from the claims cache, so a token's repeat requests reuse one object; the entry
+        # keeps it alive, so its id cannot be reused while cached. It lives (and dies) with the
+        # plan, i.e. with the engine: a reload never sees the old configuration's renderings.
         self._memo: dict[int, tuple[Principal, _Rendered]] = {}
 
     def render(self, principal: Principal | None) -> _Rendered:

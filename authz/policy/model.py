@@ -11,6 +11,7 @@ Pure module: no grpc, prometheus, asyncio or network imports.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -18,6 +19,18 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 EMPTY_MAP: Mapping[str, str] = MappingProxyType({})
+
+# One definition each, imported wherever they are needed (config, identity, revocation, dev IdP).
+# A tenant or object id as Entra writes it: a lower-case GUID (match with ``fullmatch``).
+GUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+GUID_RE = re.compile(GUID_PATTERN)
+# The tenant names whose documents carry the {tenantid} template: tokens of many tenants, so an
+# explicit allowlist is required. ``consumers`` is NOT one of them: its documents name one
+# concrete tenant (the Microsoft-account tenant), so it is a single-tenant issuer.
+MULTI_TENANT: frozenset[str] = frozenset({"common", "organizations"})
+CONSUMERS = "consumers"
+# The token algorithms a configuration may allow (Entra signs with RSA keys; see tokens.algorithms).
+SUPPORTED_ALGORITHMS = ("RS256", "RS384", "RS512")
 
 
 class TokenKind(StrEnum):
@@ -180,7 +193,7 @@ class IssuerSpec:
 
     @property
     def multi_tenant(self) -> bool:
-        return self.tenant in ("common", "organizations")
+        return self.tenant in MULTI_TENANT
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from authz.policy.errors import ClaimsChallenge, Code, Unauthenticated
-from authz.policy.model import Principal
+from authz.policy.model import GUID_RE, Principal
 
 __all__ = [
     "DEFAULT_MAX_RULE_LIFETIME_S",
@@ -66,7 +66,6 @@ GUID_MATCHERS = frozenset({"oid", "azp", "tid"})  # Entra issues these as lower-
 DEFAULT_MAX_RULE_LIFETIME_S = 90_000
 
 RULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
-GUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 VALUE_RE = re.compile(r"[A-Za-z0-9._~+/=-]{1,256}")  # sub, uti, sid: base64url-ish or GUIDs
 MAX_REASON_CHARS = 500
 MAX_CREATED_BY_CHARS = 256

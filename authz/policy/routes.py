@@ -48,6 +48,7 @@ __all__ = [
     "RouteTable",
     "normalize_host",
     "prefix_matches",
+    "split_host_port",
     "unreachable_routes",
 ]
 
@@ -61,18 +62,24 @@ _ONE_SEGMENT = r"[^/\x00]+"
 _SEGMENTS = r"[^/\x00]+(?:/[^/\x00]+)*"
 
 
+def split_host_port(authority: str) -> tuple[str, str]:
+    """``host[:port]`` -> ``(host, port)``: the one place a host and its port are told apart (the
+    route table, config's instance URLs, listen addresses). A bracketed IPv6 host keeps its
+    brackets; ``port`` is "" when there is none (``[::1]:80`` -> ``("[::1]", "80")``)."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0:
+            return authority, ""
+        rest = authority[end + 1 :]
+        return authority[: end + 1], rest[1:] if rest.startswith(":") else ""
+    host, colon, port = authority.rpartition(":")
+    return (host, port) if colon else (authority, "")
+
+
 @functools.lru_cache(maxsize=1024)  # a handful of hosts per deployment; called twice per check
 def normalize_host(host: str) -> str:
     """Lower-case, without ``:port`` and without a trailing dot (``[::1]:80`` -> ``[::1]``)."""
-    host = host.lower()
-    if host.startswith("["):
-        end = host.find("]")
-        if end > 0:
-            host = host[: end + 1]
-    else:
-        colon = host.rfind(":")
-        if colon >= 0:
-            host = host[:colon]
+    host = split_host_port(host.lower())[0]
     if host.endswith("."):
         host = host[:-1]
     return host
@@ -229,6 +236,11 @@ class RouteTable:
 
     def match(self, method: str, host: str, canonical_path: str) -> Route | None:
         """The first route (in config order) matching all three, or ``None``."""
+        index = self.match_index(method, host, canonical_path)
+        return None if index is None else self._routes[index]
+
+    def match_index(self, method: str, host: str, canonical_path: str) -> int | None:
+        """The position in ``routes`` of the first route matching all three, or ``None``."""
         if _SEP in method or _SEP in host:
             return None  # never sent by Envoy; refuse rather than let it shift the fields
         found = self._regex.fullmatch(f"{method}{_SEP}{normalize_host(host)}{_SEP}{canonical_path}")
@@ -236,7 +248,7 @@ class RouteTable:
             return None
         name = found.lastgroup
         assert name is not None
-        return self._routes[int(name[1:])]
+        return int(name[1:])
 
 
 class ApiSelector:

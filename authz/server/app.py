@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from authz.policy.routes import split_host_port
 from authz.server import servicer as servicer_mod
 from authz.server.admin_api import AdminRequest, AdminResponse, RevocationApi
 from authz.server.http import HttpCheckServer, HttpLimits
@@ -33,7 +34,8 @@ SERVICE_NAME = servicer_mod.SERVICE_NAME
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
+    """A validated listen address (``config.LISTEN_RE``) as a bindable ``(host, port)``."""
+    host, port = split_host_port(addr)
     return host.strip("[]"), int(port)
 
 

@@ -30,7 +30,7 @@ from authz.policy.errors import (
     Code,
     Denial,
     Forbidden,
-    TooManyRequests,
+    RateLimited,
     Unauthenticated,
     Unavailable,
     UnknownSigningKey,
@@ -46,7 +46,7 @@ EXPECTED_STATUS: dict[type[Denial], int] = {
     UnknownSigningKey: 401,
     ClaimsChallenge: 401,
     Forbidden: 403,
-    TooManyRequests: 429,
+    RateLimited: 429,
     Unavailable: 503,
 }
 

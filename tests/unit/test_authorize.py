@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from authz.policy.authorize import authorize, compile_requirement
+from authz.policy.authorize import CompiledRequirement, authorize
 from authz.policy.errors import ClaimsChallenge, Code, Forbidden
 from authz.policy.model import (
     ANONYMOUS,
@@ -275,12 +275,28 @@ def test_auth_context_value_is_taken_from_config() -> None:
 
 def test_requirement_without_clauses_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one clause"):
-        compile_requirement(Requirement(any_of=()))
+        CompiledRequirement(Requirement(any_of=()))
 
 
-def test_compiled_requirements_are_memoised_by_identity() -> None:
-    requirement = req(roles_any=fs({"R"}))
-    assert compile_requirement(requirement) is compile_requirement(requirement)
-    equal_but_distinct = req(roles_any=fs({"R"}))
-    compiled = compile_requirement(equal_but_distinct)
-    assert compiled.requirement is equal_but_distinct
+def test_challenge_denials_name_what_the_clauses_require() -> None:
+    compiled = CompiledRequirement(
+        Requirement(
+            any_of=(
+                Clause(roles_any=fs({"B", "A"}), scopes_all=fs({"S"})),
+                Clause(auth_context="c1"),
+            )
+        )
+    )
+    shapes = [
+        (d.code, getattr(d, "required_scope", ""), getattr(d, "claims_json", ""))
+        for d in compiled.challenge_denials()
+    ]
+    assert shapes == [
+        (Code.MISSING_ROLE, "A B", ""),
+        (Code.MISSING_SCOPE, "S", ""),
+        (
+            Code.AUTH_CONTEXT_REQUIRED,
+            "",
+            '{"access_token":{"acrs":{"essential":true,"value":"c1"}}}',
+        ),
+    ]

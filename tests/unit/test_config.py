@@ -434,3 +434,34 @@ def test_key_lifecycle_defaults() -> None:
     assert s.tokens.unknown_kid_wait_s == 0.1
     assert s.issuer("contoso").max_key_age_s == 86400  # Microsoft's AadIssuerValidator: 24 h
     assert s.issuer("contoso").unknown_kid_min_interval_s == 300
+
+
+def test_consumers_is_a_single_tenant_issuer() -> None:
+    """``consumers`` documents name one concrete tenant (the Microsoft-account tenant), so the
+    configuration treats it as the model and the key store do: no allowlist, none accepted."""
+    text = MINIMAL.replace("tenant: 11111111-1111-4111-8111-111111111111", "tenant: consumers")
+    (issuer,) = config_mod.parse(text, env={}).issuers
+    assert (issuer.tenant, issuer.multi_tenant, issuer.allowed_tenants) == (
+        "consumers",
+        False,
+        frozenset(),
+    )
+    listed = text.replace(
+        "tenant: consumers",
+        "tenant: consumers, allowed_tenants: [9188040d-6c67-4c5b-b112-36a304b66dad]",
+    )
+    assert any(p.startswith("issuers[0].allowed_tenants: only for") for p in _problems(listed))
+
+
+@pytest.mark.parametrize("tenant", ["common", "organizations"])
+def test_multi_tenant_names_require_an_allowlist(tenant: str) -> None:
+    text = MINIMAL.replace("tenant: 11111111-1111-4111-8111-111111111111", f"tenant: {tenant}")
+    (issuer,) = config_mod.parse(
+        text.replace(
+            f"tenant: {tenant}",
+            f"tenant: {tenant}, allowed_tenants: [{'1' * 8}-1111-4111-8111-111111111111]",
+        ),
+        env={},
+    ).issuers
+    assert issuer.multi_tenant
+    assert any("required for a multi-tenant issuer" in p for p in _problems(text))

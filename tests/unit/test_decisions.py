@@ -13,14 +13,14 @@ import pytest
 
 from authz import engine
 from authz.engine import new_decision_id
-from authz.policy.decisions import allow, deny, internal_error, www_authenticate
+from authz.policy.decisions import ResponsePlan, allow, deny, internal_error, www_authenticate
 from authz.policy.errors import (
     BadRequest,
     ClaimsChallenge,
     Code,
     Denial,
     Forbidden,
-    TooManyRequests,
+    RateLimited,
     Unauthenticated,
     Unavailable,
     UnknownSigningKey,
@@ -355,7 +355,7 @@ DENIALS = [
         "invalid_token",
         'Bearer realm="entra-authz"',
     ),
-    ("rate limited", TooManyRequests(Code.RATE_LIMITED), API, 429, "rate_limited", None),
+    ("rate limited", RateLimited("per-client", ()), API, 429, "rate_limited", None),
     (
         "keys unavailable",
         Unavailable(Code.KEYS_UNAVAILABLE),
@@ -451,13 +451,16 @@ def test_error_descriptions_never_contain_quotes_or_backslashes() -> None:
         assert "\\" not in description
 
 
-def test_challenges_are_cached_per_api() -> None:
-    first = www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="S"), API)
-    again = www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="S"), API)
-    assert first is again
-    other = www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="S"), BARE_API)
-    assert other == first  # same realm text, different API object: rendered separately
-    assert www_authenticate(Forbidden(Code.MISSING_SCOPE, required_scope="T"), API) != first
+def test_challenges_are_rendered_ahead_per_api() -> None:
+    needs_s = Forbidden(Code.MISSING_SCOPE, required_scope="S")
+    plan = ResponsePlan(API, CONTRACT, extra=[needs_s])
+    first = plan.challenge(Forbidden(Code.MISSING_SCOPE, required_scope="S"))
+    assert first is plan.challenge(Forbidden(Code.MISSING_SCOPE, required_scope="S"))
+    assert first == www_authenticate(needs_s, API)
+    other = ResponsePlan(BARE_API, CONTRACT, extra=[needs_s]).challenge(needs_s)
+    assert other == first  # same realm text, different API: its own plan, rendered separately
+    assert other is not first
+    assert plan.challenge(Forbidden(Code.MISSING_SCOPE, required_scope="T")) != first
 
 
 def test_no_token_contents_in_any_deny() -> None:
@@ -479,10 +482,12 @@ def test_internal_error_is_a_503_deny() -> None:
 
 def test_rendered_headers_are_memoised_per_principal_object() -> None:
     who = principal()
-    first = allowed(API, who)
-    again = allowed(API, who)
+    plan = ResponsePlan(API, CONTRACT)
+    first = plan.allow(decision_id="d1", route=ROUTE, principal=who)
+    again = plan.allow(decision_id="d1", route=ROUTE, principal=who)
     assert first.upstream_headers is again.upstream_headers
-    other = allowed(API, replace(who, oid="oid-2"))
+    assert first == allowed(API, who)
+    other = plan.allow(decision_id="d1", route=ROUTE, principal=replace(who, oid="oid-2"))
     assert ("x-user-id", "oid-2") in other.upstream_headers
 
 

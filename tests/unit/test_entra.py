@@ -14,7 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from authz.identity.cache import ClaimsCache
 from authz.identity.entra import TokenVerifier, crypto_denial
 from authz.policy.errors import Code, Denial, Unauthenticated, Unavailable, UnknownSigningKey
-from authz.policy.model import TokenKind, TokenSettings
+from authz.policy.model import SUPPORTED_ALGORITHMS, TokenKind, TokenSettings
 from tests.unit.conftest import DROP
 
 
@@ -161,6 +161,17 @@ def test_non_rsa_algorithms_cannot_be_configured(env: SimpleNamespace, memory_ke
             TokenVerifier(
                 TokenSettings(algorithms=frozenset({"RS256", alg})), env.ISSUERS, memory_keys
             )
+
+
+def test_the_verifier_accepts_exactly_the_configurable_algorithms(
+    env: SimpleNamespace, memory_keys: Any
+) -> None:
+    """One list (``model.SUPPORTED_ALGORITHMS``) for config and verifier: PS256, which config
+    never accepted, is refused here too; each supported one builds a verifier."""
+    with pytest.raises(ValueError, match="unsupported"):
+        TokenVerifier(TokenSettings(algorithms=frozenset({"PS256"})), env.ISSUERS, memory_keys)
+    for alg in SUPPORTED_ALGORITHMS:
+        TokenVerifier(TokenSettings(algorithms=frozenset({alg})), env.ISSUERS, memory_keys)
 
 
 # -------------------------------------------------------------------------- exception mapping

@@ -3,11 +3,13 @@ worker index on every line a worker process writes."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import re
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +74,61 @@ def test_plain_worker_logs_name_the_worker(
     configure_logging("INFO", json_format=False, worker=1)
     logging.getLogger("authz.test").info("hello")
     assert capsys.readouterr().err == "[worker 1] hello\n"
+
+
+AUTHZ = Path(__file__).resolve().parents[2] / "authz"
+
+
+def _extra_keys_logged() -> dict[str, set[str]]:
+    """Every key a module of authz/ passes to a logging call as a literal ``extra={...}``."""
+    found: dict[str, set[str]] = {}
+    for path in AUTHZ.rglob("*.py"):
+        if "_proto" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            for kw in node.keywords:
+                if kw.arg == "extra" and isinstance(kw.value, ast.Dict):
+                    keys = {k.value for k in kw.value.keys if isinstance(k, ast.Constant)}
+                    found.setdefault(path.name, set()).update(str(k) for k in keys)
+    return found
+
+
+def test_every_extra_field_the_code_logs_is_kept() -> None:
+    logged = _extra_keys_logged()
+    # The HTTP transport's internal-error line is one of them (request_id, decision_id, method).
+    assert {"request_id", "decision_id", "method", "error_type"} <= logged["http.py"]
+    keys = set().union(*logged.values())
+    record = _record()
+    for key in keys:
+        setattr(record, key, f"value-of-{key}")
+    out = json.loads(JsonFormatter().format(record))
+    assert {key: out.get(key) for key in keys} == {key: f"value-of-{key}" for key in keys}
+
+
+def test_extra_fields_are_json_ready_and_redacted() -> None:
+    logger = logging.getLogger("authz.test_extra")
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    try:
+        token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+        logger.warning(
+            "check failed",
+            extra={"request_id": "r-1", "count": 3, "detail": f"bearer {token}", "gone": None},
+        )
+    finally:
+        logger.removeHandler(handler)
+    (line,) = lines
+    out = json.loads(line)
+    assert (out["msg"], out["request_id"], out["count"]) == ("check failed", "r-1", 3)
+    assert "gone" not in out
+    assert token not in line
+    assert "eyJ" not in out["detail"]

@@ -13,6 +13,7 @@ from authz.policy.routes import (
     RouteTable,
     normalize_host,
     prefix_matches,
+    split_host_port,
     unreachable_routes,
 )
 
@@ -180,6 +181,24 @@ HOSTS = [
 @pytest.mark.parametrize(("host", "expected"), [h[1:] for h in HOSTS], ids=[h[0] for h in HOSTS])
 def test_normalize_host(host: str, expected: str) -> None:
     assert normalize_host(host) == expected
+
+
+SPLITS = [
+    ("name and port", "a.example.com:8080", ("a.example.com", "8080")),
+    ("name alone", "a.example.com", ("a.example.com", "")),
+    ("ipv6 and port", "[::1]:8080", ("[::1]", "8080")),
+    ("ipv6 alone", "[::1]", ("[::1]", "")),
+    ("unclosed bracket", "[::1", ("[::1", "")),
+    ("junk after bracket", "[::1]x", ("[::1]", "")),
+    ("empty host", ":50051", ("", "50051")),
+]
+
+
+@pytest.mark.parametrize(
+    ("authority", "expected"), [s[1:] for s in SPLITS], ids=[s[0] for s in SPLITS]
+)
+def test_split_host_port(authority: str, expected: tuple[str, str]) -> None:
+    assert split_host_port(authority) == expected
 
 
 @pytest.mark.parametrize(
