@@ -310,6 +310,8 @@ class TokenVerifier:
         # handful of keys, so nearly every token repeats a header seen before: a hit skips the
         # base64 decode, the JSON parse and the checks. Failures are never stored; the dict is
         # cleared when full, so a flood of distinct headers costs memory only up to the bound.
+        # Kept (issue 14): its key is request data (the token's header), so it cannot be
+        # compiled at configuration time; it lives and dies with this verifier.
         self._headers: dict[str, tuple[str, str]] = {}
 
     @property
