@@ -554,7 +554,38 @@ class Prepared:
     exists: bool
 
 
-class FileFeed:
+class PollingFeed:
+    """What every feed shares: a background task that calls ``refresh()`` every
+    ``poll_interval_s`` until closed (``refresh`` handles its own errors)."""
+
+    name = "feed"
+    poll_interval_s = 1.0
+    _task: asyncio.Task[None] | None = None
+
+    async def refresh(self, *, force: bool = False, via: str = "poll") -> bool:
+        raise NotImplementedError
+
+    def start_background(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"authz.revocation:{self.name}")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # pragma: no cover - refresh() handles its own errors
+                log.exception("revocation %s watch failed; retrying", self.name)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+class FileFeed(PollingFeed):
     """Keeps the store's ``file`` source in step with the file, and writes to it."""
 
     def __init__(
@@ -572,7 +603,7 @@ class FileFeed:
         self.store = store
         self._observer = observer
         self._stamp: tuple[str, int, int, int] | None = ("?", -1, -1, -1)  # never seen
-        self._task: asyncio.Task[None] | None = None
+        self.name, self.poll_interval_s = FILE_SOURCE, settings.poll_interval_s
         self._lock = asyncio.Lock()
 
     @property
@@ -651,22 +682,3 @@ class FileFeed:
             self._stamp = self.source.stamp()
             await self.store.replace_async(FILE_SOURCE, rules, via=via)
             return doomed
-
-    def start_background(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="authz.revocation:file")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.poll_interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # pragma: no cover - refresh() handles its own errors
-                log.exception("revocation file watch failed; retrying")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None

@@ -24,7 +24,6 @@ Failure behaviour (never on the check path, which reads ``store.current`` only):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from authz.config import RevocationSettings
 from authz.policy.revocation import RevocationRule
 from authz.revocation import (
+    PollingFeed,
     ReloadObserver,
     RevocationFileError,
     RevocationStore,
@@ -53,7 +53,7 @@ class RedisUnavailable(Exception):
     """Redis did not take the change (down, or backing off after a failure)."""
 
 
-class RedisFeed:
+class RedisFeed(PollingFeed):
     """Keeps the store's ``redis`` source in step with Redis, and writes to it."""
 
     def __init__(
@@ -73,7 +73,7 @@ class RedisFeed:
         self.rules_key = link.key("revocation", "rules")
         self.version_key = link.key("revocation", "version")
         self._version: bytes | str | None = b"?"  # never read
-        self._task: asyncio.Task[None] | None = None
+        self.name, self.poll_interval_s = REDIS_SOURCE, settings.redis_poll_interval_s
         self._lock = asyncio.Lock()
 
     async def refresh(self, *, force: bool = False, via: str = "poll") -> bool:
@@ -163,22 +163,3 @@ class RedisFeed:
         if not done[0]:
             raise UnknownRule(rule_id)
         return found[0] if found else RevocationRule(id=rule_id, reason="", expires_at=0)
-
-    def start_background(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="authz.revocation:redis")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.redis_poll_interval_s)
-            try:
-                await self.refresh()
-            except Exception:  # pragma: no cover - refresh() handles Redis trouble itself
-                log.exception("revocation redis watch failed; retrying")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
