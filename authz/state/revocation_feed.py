@@ -131,32 +131,28 @@ class RedisFeed(PollingFeed):
         if self._observer is not None:
             self._observer.on_revocation_reload(REDIS_SOURCE, result)
 
-    async def add(self, rule: RevocationRule, *, via: str) -> None:
-        """Store the rule in Redis (every replica sees it at its next poll) and here now."""
-        body = json.dumps(rule.to_dict(), separators=(",", ":"))
+    async def _write(self, change: Callable[[Any], Any]) -> list[Any] | None:
+        """One change and the version bump in one MULTI; None if Redis did not take it."""
 
-        async def write(c: Any) -> list[Any]:
+        async def run(c: Any) -> list[Any]:
             async with c.pipeline(transaction=True) as p:
-                p.hset(self.rules_key, rule.id, body)
+                change(p)
                 p.incr(self.version_key)
                 result: list[Any] = await p.execute()
                 return result
 
-        if await self.link.call("revocation_write", write) is None:
+        return await self.link.call("revocation_write", run)
+
+    async def add(self, rule: RevocationRule, *, via: str) -> None:
+        """Store the rule in Redis (every replica sees it at its next poll) and here now."""
+        body = json.dumps(rule.to_dict(), separators=(",", ":"))
+        if await self._write(lambda p: p.hset(self.rules_key, rule.id, body)) is None:
             raise RedisUnavailable("redis did not take the rule")
         await self.refresh(force=True, via=via)
 
     async def remove(self, rule_id: str, *, via: str) -> RevocationRule:
         found = [r for s, r in self.store.find(rule_id) if s == REDIS_SOURCE]
-
-        async def write(c: Any) -> list[Any]:
-            async with c.pipeline(transaction=True) as p:
-                p.hdel(self.rules_key, rule_id)
-                p.incr(self.version_key)
-                result: list[Any] = await p.execute()
-                return result
-
-        done = await self.link.call("revocation_write", write)
+        done = await self._write(lambda p: p.hdel(self.rules_key, rule_id))
         if done is None:
             raise RedisUnavailable("redis did not take the change")
         await self.refresh(force=True, via=via)

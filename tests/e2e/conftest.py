@@ -22,7 +22,11 @@ def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     transport: str = request.param
-    s = Stack(tmp_path_factory.mktemp(f"stack-{transport}"), transport=transport)
+    yield from running(Stack(tmp_path_factory.mktemp(f"stack-{transport}"), transport=transport))
+
+
+def running(s: Stack) -> Iterator[Stack]:
+    """Start ``s`` (its logs printed if that fails), yield it, stop it: a fixture's body."""
     try:
         s.start()
     except Exception:

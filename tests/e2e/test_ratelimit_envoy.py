@@ -31,6 +31,7 @@ from authz.config import RedisSettings
 from authz.devstack import Stack, stack_config, wait_until
 from authz.state.ratelimit_sync import redis_key
 from authz.state.redisconn import RedisLink
+from tests.e2e.conftest import running
 
 pytestmark = pytest.mark.e2e
 
@@ -131,14 +132,7 @@ LIMITS = """\
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     text = stack_config("{instance}").replace("      - name: me ", LIMITS + "      - name: me ")
     s = Stack(tmp_path_factory.mktemp("rl-shared"), config_text=text, redis=True, replicas=2)
-    try:
-        s.start()
-    except Exception:
-        print(s.logs() if hasattr(s, "idp") else "")
-        s.stop()
-        raise
-    yield s
-    s.stop()
+    yield from running(s)
 
 
 def direct(stack: Stack, replica: int, path: str, token: str) -> int:

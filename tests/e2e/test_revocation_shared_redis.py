@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from authz.devstack import ADMIN_AUDIENCE, ADMIN_ROLE, Stack, stack_config
+from tests.e2e.conftest import running
 
 pytestmark = pytest.mark.e2e
 
@@ -36,14 +37,7 @@ revocation:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     text = stack_config("{instance}") + SHARED
     s = Stack(tmp_path_factory.mktemp("rev-shared"), config_text=text, redis=True, replicas=2)
-    try:
-        s.start()
-    except Exception:
-        print(s.logs() if hasattr(s, "idp") else "")
-        s.stop()
-        raise
-    yield s
-    s.stop()
+    yield from running(s)
 
 
 def check(stack: Stack, replica: int, token: str) -> tuple[int, str]:
