@@ -124,7 +124,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from authz import demo  # noqa: PLC0415
+    from authz.dev import demo  # noqa: PLC0415
 
     return demo.main(args)
 
@@ -184,7 +184,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     revocation_cli.register(sub)
 
     if _command(argv) in DEV_COMMANDS:
-        from authz.devidp import cli as devidp_cli  # noqa: PLC0415
+        from authz.dev.idp import cli as devidp_cli  # noqa: PLC0415
 
         devidp_cli.register(sub)
     else:  # listed for --help only: any other command never imports the dev tools
@@ -193,7 +193,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
-# The dev tools' commands (``authz.devidp.cli`` defines their arguments). Their parsers are built
+# The dev tools' commands (``authz.dev.idp.cli`` defines their arguments). Their parsers are built
 # only when one of them is the command, so ``serve`` never loads the dev IdP (tests/unit/
 # test_import_graph.py).
 DEV_COMMANDS = {

@@ -31,8 +31,8 @@ from typing import Any
 import httpx
 
 from authz import config as config_mod
-from authz.devidp import CONTOSO, DevIdP
-from authz.devstack import RedisServer, envoy_binary, free_port, wait_until
+from authz.dev.idp import CONTOSO, DevIdP
+from authz.dev.stack import RedisServer, envoy_binary, free_port, wait_until
 from authz.envoyconf import render
 from authz.server.ports import envoy_endpoints
 from bench import inprocess, loadgen, wrk

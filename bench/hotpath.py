@@ -33,7 +33,7 @@ import prometheus_client as prom
 import uvloop
 
 from authz import config as config_mod
-from authz.devidp import CONTOSO, DevIdP
+from authz.dev.idp import CONTOSO, DevIdP
 from authz.engine import new_decision_id
 from authz.identity.bearer import extract_bearer
 from authz.observability import AuditLog, Metrics

@@ -27,7 +27,7 @@ from types import MappingProxyType
 import httpx
 import pytest
 
-from authz.devstack import free_port
+from authz.dev.stack import free_port
 from authz.policy.model import Decision, RequestAttrs
 from authz.server.http import HttpCheckServer, HttpLimits, UnsafeHeaderError, render_decision
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from authz.devstack import Stack
+from authz.dev.stack import Stack
 
 TRANSPORTS = ("grpc", "http")
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from authz import demo
+from authz.dev import demo
 
 pytestmark = pytest.mark.e2e
 

@@ -28,7 +28,7 @@ import pytest
 import redis
 
 from authz.config import RedisSettings
-from authz.devstack import Stack, stack_config, wait_until
+from authz.dev.stack import Stack, stack_config, wait_until
 from authz.state.ratelimit_sync import redis_key
 from authz.state.redisconn import RedisLink
 from tests.e2e.conftest import running

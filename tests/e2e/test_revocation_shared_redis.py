@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from authz.devstack import ADMIN_AUDIENCE, ADMIN_ROLE, Stack, stack_config
+from authz.dev.stack import ADMIN_AUDIENCE, ADMIN_ROLE, Stack, stack_config
 from tests.e2e.conftest import running
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from authz.devstack import Reply, Stack
+from authz.dev.stack import Reply, Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from authz import config as config_mod
-from authz.devstack import Reply, Stack, stack_config
+from authz.dev.stack import Reply, Stack, stack_config
 from authz.observability import JWT_RE
 from tests.e2e import test_through_envoy as through
 from tests.e2e.conftest import TRANSPORTS

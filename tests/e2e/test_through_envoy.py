@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from authz.devidp import CONTOSO, FABRIKAM
-from authz.devstack import ADMINS_GROUP, CLIENT_APP, OTHER_APP, Reply, Stack
+from authz.dev.idp import CONTOSO, FABRIKAM
+from authz.dev.stack import ADMINS_GROUP, CLIENT_APP, OTHER_APP, Reply, Stack
 
 pytestmark = pytest.mark.e2e
 

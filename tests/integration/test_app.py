@@ -20,8 +20,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import stack_config
+from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
+from authz.dev.stack import stack_config
 from authz.observability import AuditLog, Metrics
 from authz.policy.model import Decision, RequestAttrs
 from authz.server.app import App

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from authz import config as config_mod
-from authz.devstack import free_port
+from authz.dev.stack import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,9 @@ import httpx
 import jwt
 import pytest
 
-from authz.devidp import CONTOSO, FABRIKAM, MSA_TENANT, DevIdP, EchoServer
-from authz.devidp import cli as devidp_cli
+from authz.dev.echo import EchoServer
+from authz.dev.idp import CONTOSO, FABRIKAM, MSA_TENANT, DevIdP
+from authz.dev.idp import cli as devidp_cli
 
 pytestmark = pytest.mark.integration
 
@@ -526,7 +527,7 @@ def test_cli_parsers_and_snippet(idp: DevIdP) -> None:
 
 _RUN_CLI = (
     "import argparse, sys\n"
-    "from authz.devidp import cli\n"
+    "from authz.dev.idp import cli\n"
     "p = argparse.ArgumentParser(prog='authz')\n"
     "cli.register(p.add_subparsers(dest='command', required=True))\n"
     "a = p.parse_args(sys.argv[1:])\n"

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from authz import cli
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import stack_config
+from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
+from authz.dev.stack import stack_config
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from authz.devidp import CONTOSO, FABRIKAM, MSA_TENANT, DevIdP
+from authz.dev.idp import CONTOSO, FABRIKAM, MSA_TENANT, DevIdP
 from authz.identity.entra import TokenVerifier
 from authz.identity.keys import KeyStore
 from authz.policy.errors import Code, Unauthenticated, Unavailable, UnknownSigningKey

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from authz.config import RedisSettings
-from authz.devstack import RedisServer
+from authz.dev.stack import RedisServer
 from authz.observability import Metrics
 from authz.policy.ratelimit import Counters
 from authz.state.ratelimit_sync import RateLimitSync, redis_key

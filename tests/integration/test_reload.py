@@ -18,8 +18,8 @@ import pytest
 
 from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import stack_config
+from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
+from authz.dev.stack import stack_config
 from authz.identity.keys import KeyStore
 from authz.observability import AuditLog, Metrics
 from authz.policy.model import RequestAttrs

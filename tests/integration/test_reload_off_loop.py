@@ -13,8 +13,8 @@ import prometheus_client as prom
 import pytest
 
 from authz import config as config_mod
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import stack_config
+from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
+from authz.dev.stack import stack_config
 from authz.observability import AuditLog, Metrics
 from authz.policy.model import RequestAttrs
 from authz.service import Service

@@ -22,8 +22,8 @@ import pytest
 
 from authz import cli
 from authz import config as config_mod
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP
-from authz.devstack import ADMIN_AUDIENCE, ADMIN_ROLE, stack_config
+from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
+from authz.dev.stack import ADMIN_AUDIENCE, ADMIN_ROLE, stack_config
 from authz.observability import AuditLog, Metrics
 from authz.policy.model import RequestAttrs
 from authz.revocation import RevocationFileError

@@ -25,8 +25,8 @@ import pytest
 
 from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
-from authz.devidp import CONTOSO, DevIdP
-from authz.devstack import ADMIN_AUDIENCE, ADMIN_ROLE, REVOCATION_CONFIG
+from authz.dev.idp import CONTOSO, DevIdP
+from authz.dev.stack import ADMIN_AUDIENCE, ADMIN_ROLE, REVOCATION_CONFIG
 from authz.observability import AuditLog, Metrics
 from authz.service import Service
 

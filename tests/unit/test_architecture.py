@@ -32,14 +32,12 @@ FORBIDDEN_IN_PURE = (
     "authz.state",
     "authz._proto",
     "authz.server",
-    "authz.devidp",
+    "authz.dev",
 )
 PRODUCTION = [
     p
     for p in PKG.rglob("*.py")
-    if "_proto" not in p.parts
-    and "devidp" not in p.parts
-    and p.name not in ("devstack.py", "demo.py", "cli.py")
+    if "_proto" not in p.parts and "dev" not in p.relative_to(PKG).parts and p.name != "cli.py"
 ]
 
 
@@ -66,7 +64,7 @@ def test_pure_core_has_no_io_imports(path: Path) -> None:
 
 @pytest.mark.parametrize("path", PRODUCTION, ids=lambda p: str(p.relative_to(ROOT)))
 def test_production_never_imports_the_dev_idp(path: Path) -> None:
-    assert _hits(imports_of(path), ("authz.devidp", "authz.devstack", "authz.demo")) == []
+    assert _hits(imports_of(path), ("authz.dev.idp", "authz.dev.stack", "authz.dev.demo")) == []
 
 
 def test_only_server_touches_generated_protobuf() -> None:

@@ -1,6 +1,6 @@
 """Dev-issuer token shapes: Entra v1/v2 claims, user vs app, and that they verify with pyjwt.
 
-Pure: uses authz.devidp.tokens/keys directly with a session-scoped key; no sockets.
+Pure: uses authz.dev.idp.tokens/keys directly with a session-scoped key; no sockets.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from authz.devidp.keys import SigningKey, b64url, generate_signing_key
-from authz.devidp.tokens import (
+from authz.dev.idp.keys import SigningKey, b64url, generate_signing_key
+from authz.dev.idp.tokens import (
     DEFAULT_APP_ROLES,
     DEFAULT_CLIENT_ID,
     UNSET,

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from authz import devstack
+from authz.dev import stack as devstack
 
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:

@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from authz import devstack
-from authz.demo import authz_command
+from authz.dev import stack as devstack
+from authz.dev.demo import authz_command
 from authz.envoyconf import defaults, render
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,9 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PKG = ROOT / "authz"
 
-# The development tools (the dev IdP and echo backend live in authz/devidp/).
-DEV = ("authz.devidp", "authz.devstack", "authz.demo")
-DEV_PATHS = ("devidp/__init__.py", "devidp/echo.py", "devstack.py", "demo.py")
+# The development tools: one package, authz/dev/ (dev IdP, echo backend, devstack, demo).
+DEV = ("authz.dev",)
+DEV_PATHS = ("dev/__init__.py", "dev/idp/__init__.py", "dev/echo.py", "dev/stack.py", "dev/demo.py")
 # authz.cli's functions that may import a dev tool (lazily, for the dev subcommands only).
 CLI_DEV_FUNCTIONS = frozenset({"build_parser", "cmd_demo"})
 
@@ -145,8 +145,8 @@ import sys
 from authz import cli
 args = cli.build_parser(sys.argv[1:]).parse_args(sys.argv[1:])
 import authz.server.lifecycle, authz.server.app, authz.service
-dev = ("authz.devidp", "authz.devstack", "authz.demo")
-print(args.command, sorted(m for m in sys.modules if m.startswith(dev)))
+dev = sorted(m for m in sys.modules if m == "authz.dev" or m.startswith("authz.dev."))
+print(args.command, dev)
 """
 
 
@@ -158,7 +158,7 @@ def test_parsing_serve_loads_no_dev_tool() -> None:
     assert probe("serve", "--config", "x.yaml") == "serve []\n"
     assert probe("check-config", "x.yaml") == "check-config []\n"
     # the dev subcommands do load them (so the probe can see a dev import)
-    assert probe("echo", "--port", "0").startswith("echo ['authz.devidp'")
+    assert probe("echo", "--port", "0").startswith("echo ['authz.dev'")
 
 
 # -- module size --------------------------------------------------------------------------------

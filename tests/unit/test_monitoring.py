@@ -27,7 +27,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from authz import devstack
+from authz.dev import stack as devstack
 from authz.envoyconf import defaults, render
 from authz.observability import Metrics
 from authz.policy.errors import Code

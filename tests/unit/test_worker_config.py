@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz.devstack import envoy_binary
+from authz.dev.stack import envoy_binary
 from authz.envoyconf import defaults, render
 from authz.server import ports
 from authz.server.lifecycle import resolve_workers

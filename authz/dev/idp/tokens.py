@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from authz.devidp.keys import b64url
+from authz.dev.idp.keys import b64url
 
 __all__ = [
     "DEFAULT_APP_ROLES",

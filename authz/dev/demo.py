@@ -1,12 +1,12 @@
 """``authz demo``: the whole product on 127.0.0.1 in one command.
 
-Starts the dev IdP, the authz server, a real Envoy and the echo backend (``authz.devstack``),
+Starts the dev IdP, the authz server, a real Envoy and the echo backend (``authz.dev.stack``),
 walks a scripted tour through Envoy — allow with the identity headers the backend received, 401
 with its challenge, 403, forged identity headers dropped, a 429 once a caller exceeds its rate
 limit (counted in a real redis-server, as every replica would share it), a token revoked through
 the admin API and restored — then keeps serving and prints
 ready-to-paste curl commands until Ctrl-C. ``--once`` runs the tour and exits 0 only if every
-step gave the expected answer. Dev tooling: imports ``authz.devidp``.
+step gave the expected answer. Dev tooling: imports ``authz.dev.idp``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from authz.devidp import FABRIKAM
-from authz.devstack import ADMIN_ROLE, CLIENT_APP, Reply, Stack
+from authz.dev.idp import FABRIKAM
+from authz.dev.stack import ADMIN_ROLE, CLIENT_APP, Reply, Stack
 
 CONTRACT = ("x-user-id", "x-tenant-id", "x-client-id", "x-roles", "x-scopes", "x-token-kind")
 

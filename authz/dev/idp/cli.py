@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from authz.devidp.echo import EchoServer
-from authz.devidp.server import BANNER, CONTOSO, FABRIKAM, DevIdP
+from authz.dev.echo import EchoServer
+from authz.dev.idp.server import BANNER, CONTOSO, FABRIKAM, DevIdP
 
 __all__ = ["cmd_echo", "cmd_mint", "cmd_serve", "register"]
 

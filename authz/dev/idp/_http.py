@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["BackgroundHTTPServer", "JSONHandler"]
 
-_log = logging.getLogger("authz.devidp")
+_log = logging.getLogger("authz.dev.idp")
 
 
 class _TrackingServer(ThreadingHTTPServer):

@@ -44,9 +44,9 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from authz.devidp._http import BackgroundHTTPServer, JSONHandler
-from authz.devidp.keys import SigningKey, generate_signing_key
-from authz.devidp.tokens import (
+from authz.dev.idp._http import BackgroundHTTPServer, JSONHandler
+from authz.dev.idp.keys import SigningKey, generate_signing_key
+from authz.dev.idp.tokens import (
     DEFAULT_AUD,
     DEFAULT_CLIENT_ID,
     UNSET,
@@ -65,7 +65,7 @@ __all__ = [
     "DevIdP",
 ]
 
-_log = logging.getLogger("authz.devidp")
+_log = logging.getLogger("authz.dev.idp")
 
 CONTOSO: Final = "11111111-1111-4111-8111-111111111111"
 FABRIKAM: Final = "22222222-2222-4222-8222-222222222222"
