@@ -194,8 +194,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 # The dev tools' commands (``authz.dev.idp.cli`` defines their arguments). Their parsers are built
-# only when one of them is the command, so ``serve`` never loads the dev IdP (tests/unit/
-# test_import_graph.py).
+# only when one of them is the command, so ``serve`` never loads the dev IdP (tests/integration/
+# test_cli_imports.py; the import graph's rule: tests/unit/test_import_graph.py).
 DEV_COMMANDS = {
     "dev-idp": "local Entra-shaped issuer for development and tests (NOT FOR PRODUCTION)",
     "echo": "echo backend: answers every request with what it got",
