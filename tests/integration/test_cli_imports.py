@@ -33,3 +33,19 @@ def test_parsing_serve_loads_no_dev_tool() -> None:
     assert probe("check-config", "x.yaml") == "check-config []\n"
     # the dev subcommands do load them (so the probe can see a dev import)
     assert probe("echo", "--port", "0").startswith("echo ['authz.dev'")
+
+
+_LIFECYCLE_PROBE = """
+import sys
+import authz.server.lifecycle
+heavy = ("grpc", "prometheus_client", "redis", "httpx", "authz.server.app", "authz.service")
+print(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in heavy)))
+"""
+
+
+def test_importing_the_lifecycle_loads_no_server_or_metrics_code() -> None:
+    """Why server/lifecycle.py and server/workers.py import the servers and prometheus_client
+    inside the functions that run them (their ``# noqa: PLC0415`` lines)."""
+    cmd = [sys.executable, "-c", _LIFECYCLE_PROBE]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out == "[]\n"
