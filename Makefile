@@ -38,15 +38,15 @@ system-deps:
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q wrk >/dev/null; \
 	  else echo "wrk is missing: apt-get install wrk (only the benchmark needs it)"; fi; }
 
-# promtool (tests/unit/test_monitoring.py checks the alert rules with it) is in Debian's
-# `prometheus` package; kubectl (kustomize for tests/unit/test_k8s_manifests.py) is in the
+# promtool (tests/artefacts/test_monitoring.py checks the alert rules with it) is in Debian's
+# `prometheus` package; kubectl (kustomize for tests/artefacts/test_k8s_manifests.py) is in the
 # machine image. Install promtool when missing and we are allowed to.
 test-deps:
 	@command -v promtool >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
 	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get install -y -q --no-install-recommends prometheus >/dev/null; \
-	  else echo "promtool is missing: apt-get install prometheus (tests/unit/test_monitoring.py needs it)"; fi; }
+	  else echo "promtool is missing: apt-get install prometheus (tests/artefacts/test_monitoring.py needs it)"; fi; }
 
 # redis-server (rate-limit tests, the demo) comes from Debian too; same pattern.
 redis-server:
@@ -69,8 +69,12 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Coverage: >= 85 % of authz/ (branches, subprocesses included), and every line and branch of the
+# decision core (authz/policy/, authz/identity/), read from the same run's data.
+CORE_COVERAGE := authz/policy/*,authz/identity/*
 pytest: venv test-deps redis-server
 	$(BIN)/pytest -q -p no:cacheprovider --cov --cov-branch --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+	$(BIN)/coverage report --include='$(CORE_COVERAGE)' --show-missing --fail-under=100
 
 test: lint typecheck pytest
 

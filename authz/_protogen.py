@@ -13,7 +13,7 @@ the output so that it can live inside our package without colliding with anythin
   symbol" error. See docs/protos.md.
 * ``*_pb2_grpc.py`` files of protos without a service are dropped (they would be empty).
 
-The output is deterministic; tests/unit/test_proto_compat.py regenerates into a temporary
+The output is deterministic; tests/artefacts/test_proto_compat.py regenerates into a temporary
 directory and requires it to equal the committed files. Never edit ``authz/_proto`` by hand.
 
 Imports only the standard library and grpc_tools (a dev/test dependency); never imported at

@@ -16,9 +16,10 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
-from authz import __version__
+from authz import __version__, revocation_cli
 from authz import config as config_mod
 
 log = logging.getLogger("authz.cli")
@@ -59,9 +60,7 @@ def _revocation_problem(settings: config_mod.Settings) -> str:
     no rules yet; the first ``authz revoke add`` creates it)."""
     if not settings.revocation.file:
         return ""
-    import time  # noqa: PLC0415
-
-    from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415
+    from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415  (lazy: only a configured revocation file needs it)
 
     r = settings.revocation
     try:
@@ -88,7 +87,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from authz.observability import configure_logging  # noqa: PLC0415
+    from authz.observability import configure_logging  # noqa: PLC0415  (lazy: prometheus_client loads for serve only)
 
     configure_logging(args.log_level, json_format=not args.plain_logs)
     settings = _load_or_exit(args.config, logged=True)
@@ -98,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if problem:
         log.error("%s; not starting", problem)
         return 2
-    from authz.server import lifecycle  # noqa: PLC0415
+    from authz.server import lifecycle  # noqa: PLC0415  (lazy: grpc and the servers load for serve only)
 
     opts = lifecycle.ServeOptions(
         config_path=args.config,
@@ -115,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from authz import explain  # noqa: PLC0415
+    from authz import explain  # noqa: PLC0415  (lazy: loaded by explain only)
 
     settings = _load_or_exit(args.config)
     if settings is None:
@@ -124,7 +123,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from authz.dev import demo  # noqa: PLC0415
+    from authz.dev import demo  # noqa: PLC0415  (lazy: keeps dev tools out of serve)
 
     return demo.main(args)
 
@@ -179,12 +178,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     d.add_argument("--once", action="store_true", help="run the tour and exit (0 = all passed)")
     d.set_defaults(func=cmd_demo)
 
-    from authz import revocation_cli  # noqa: PLC0415
-
     revocation_cli.register(sub)
 
     if _command(argv) in DEV_COMMANDS:
-        from authz.dev.idp import cli as devidp_cli  # noqa: PLC0415
+        from authz.dev.idp import cli as devidp_cli  # noqa: PLC0415  (lazy: keeps dev tools out of serve)
 
         devidp_cli.register(sub)
     else:  # listed for --help only: any other command never imports the dev tools
@@ -194,8 +191,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 # The dev tools' commands (``authz.dev.idp.cli`` defines their arguments). Their parsers are built
-# only when one of them is the command, so ``serve`` never loads the dev IdP (tests/unit/
-# test_import_graph.py).
+# only when one of them is the command, so ``serve`` never loads the dev IdP (tests/integration/
+# test_cli_imports.py; the import graph's rule: tests/unit/test_import_graph.py).
 DEV_COMMANDS = {
     "dev-idp": "local Entra-shaped issuer for development and tests (NOT FOR PRODUCTION)",
     "echo": "echo backend: answers every request with what it got",

@@ -177,7 +177,7 @@ def explain(
 ) -> bool:
     """Print every check for one request; return True if the engine allows it."""
     now = time.time() if now is None else now
-    clock = lambda: now  # noqa: E731
+    clock = lambda: now  # noqa: E731  (a one-line frozen clock reads best as a lambda)
     issuers = {s.name: s for s in settings.issuers}
     verifier = TokenVerifier(settings.tokens, issuers, keys, clock=clock)
     engine = Engine(settings, verifier, revocations=_Rules(revocations), clock=clock)
@@ -321,7 +321,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     revocations = EMPTY
     if settings.revocation.file:
-        from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415
+        from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415  (lazy: only a configured revocation file needs it)
 
         r = settings.revocation
         try:

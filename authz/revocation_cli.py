@@ -47,7 +47,7 @@ def duration(value: str) -> int:
 
 def when(value: str) -> int | str:
     """``now``, Unix seconds, or an ISO 8601 time with a zone."""
-    from authz.revocation import epoch  # noqa: PLC0415
+    from authz.revocation import epoch  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
     v = value.strip()
     if v == "now":
@@ -113,7 +113,7 @@ class _Usage(Exception):
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from authz import config as config_mod  # noqa: PLC0415
+    from authz import config as config_mod  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
     try:
         return config_mod.load(args.config)
@@ -131,11 +131,11 @@ def _shared(args: argparse.Namespace) -> Any:
 
 def _on_redis(settings: Any, op: Callable[[Any], Awaitable[Any]]) -> Any:
     """Run ``op(feed)`` against the shared Redis source named by ``settings``."""
-    import asyncio  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
-    from authz.revocation import RevocationStore  # noqa: PLC0415
-    from authz.state.redisconn import RedisLink  # noqa: PLC0415
-    from authz.state.revocation_feed import RedisFeed, RedisUnavailable  # noqa: PLC0415
+    from authz.revocation import RevocationStore  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
+    from authz.state.redisconn import RedisLink  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
+    from authz.state.revocation_feed import RedisFeed, RedisUnavailable  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
     async def run() -> Any:
         link = RedisLink(settings.redis)
@@ -183,13 +183,13 @@ def _who() -> dict[str, str]:
 
 
 def _audit(event: str, **fields: Any) -> None:
-    from authz.observability import AuditLog  # noqa: PLC0415
+    from authz.observability import AuditLog  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
     AuditLog(sys.stderr).event(event, via="cli", by=_who(), **fields)
 
 
 def _api(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    import httpx  # noqa: PLC0415
+    import httpx  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
     url = args.url.rstrip("/") + "/admin/revocations" + path
     headers = {"authorization": f"Bearer {_token(args)}"}
@@ -251,7 +251,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             rule = _api(args, "POST", "", fields)["rule"]
             print(f"added rule {rule['id']} via {args.url}: {_show(rule)}")
             return 0
-        from authz.revocation import (  # noqa: PLC0415
+        from authz.revocation import (  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
             FileSource,
             RevocationConflict,
             RevocationFileError,
@@ -308,7 +308,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
             rules = _on_redis(shared, listed)
         else:
-            from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415
+            from authz.revocation import RevocationFileError, load_file  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
 
             path, max_lifetime = _local(args)
             try:
@@ -333,7 +333,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
             removed = _api(args, "DELETE", f"/{args.id}")["removed"]
             print(f"removed rule {removed['id']} via {args.url}: {_show(removed)}")
             return 0
-        from authz.revocation import (  # noqa: PLC0415
+        from authz.revocation import (  # noqa: PLC0415  (lazy: every command builds this parser; revoke alone loads it)
             FileSource,
             RevocationConflict,
             RevocationFileError,

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz.policy.routes import split_host_port
 from authz.server import servicer as servicer_mod
 from authz.server.admin_api import AdminRequest, AdminResponse, RevocationApi
 from authz.server.http import HttpCheckServer, HttpLimits
+from authz.server.ports import split_listen
 from authz.service import Service
 
 log = logging.getLogger("authz.app")
@@ -34,9 +34,10 @@ SERVICE_NAME = servicer_mod.SERVICE_NAME
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
-    """A validated listen address (``config.LISTEN_RE``) as a bindable ``(host, port)``."""
-    host, port = split_host_port(addr)
-    return host.strip("[]"), int(port)
+    """A validated listen address (``config.LISTEN_RE``) as a bindable ``(host, port)``: an IPv6
+    host without its brackets (``ports.split_listen`` splits)."""
+    host, port = split_listen(addr)
+    return host.strip("[]"), port
 
 
 class AdminServer:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from authz import config as config_mod
 from authz.config import Settings
 from authz.server import ports, procfs
 from authz.server.workers import WORKER_ENV, Supervisor
@@ -72,7 +73,7 @@ class ProcessOptions:
 def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     """Run on uvloop when it is installed (it cuts per-check CPU), plain asyncio otherwise."""
     try:
-        import uvloop  # noqa: PLC0415
+        import uvloop  # noqa: PLC0415  (optional: absent off Linux, the ImportError falls back)
 
         factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
@@ -142,8 +143,7 @@ def worker_main() -> int:
     """A worker process: ``python -c 'from authz.server.lifecycle import worker_main; ...'`` with
     ``AUTHZ_WORKER`` (JSON) and ``PROMETHEUS_MULTIPROC_DIR`` set by the supervisor."""
     spec: dict[str, Any] = json.loads(os.environ[WORKER_ENV])
-    from authz import config as config_mod  # noqa: PLC0415
-    from authz.observability import configure_logging  # noqa: PLC0415
+    from authz.observability import configure_logging  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
 
     configure_logging(
         spec["log_level"], json_format=not spec["plain_logs"], worker=int(spec["index"])
@@ -177,9 +177,9 @@ async def run_process(settings: Settings, opts: ProcessOptions) -> int:
     parent = os.getppid()  # a worker stops when this is no longer its parent
     import prometheus_client as prom  # noqa: PLC0415  (a worker: after PROMETHEUS_MULTIPROC_DIR)
 
-    from authz.observability import AuditLog, Metrics  # noqa: PLC0415
-    from authz.server.app import App  # noqa: PLC0415
-    from authz.service import Service  # noqa: PLC0415
+    from authz.observability import AuditLog, Metrics  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
+    from authz.server.app import App  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
+    from authz.service import Service  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
 
     registry = prom.CollectorRegistry()
     if opts.shared_metrics:  # values live in the multiprocess files; /metrics is the supervisor's

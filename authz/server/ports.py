@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from authz.config import Settings
+from authz.policy.routes import split_host_port
 
 PORTS_ENV = "AUTHZ_WORKER_PORTS"
 GRPC_BASE_ENV = "AUTHZ_WORKER_GRPC_PORT_BASE"
@@ -45,13 +46,13 @@ def unavailable(addresses: dict[str, str]) -> str:
     for key, addr in addresses.items():
         if not addr:
             continue
-        host, _, port = addr.rpartition(":")
-        if int(port) == 0:
+        host, port = split_listen(addr)
+        if port == 0:
             continue
         try:
             infos = socket.getaddrinfo(
                 host.strip("[]") or None,
-                int(port),
+                port,
                 type=socket.SOCK_STREAM,
                 flags=socket.AI_PASSIVE,
             )
@@ -65,8 +66,12 @@ def unavailable(addresses: dict[str, str]) -> str:
     return ""
 
 
-def _hostport(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
+def split_listen(addr: str) -> tuple[str, int]:
+    """A listen address (validated by config: ``host:port``) as ``(host, port)``, the host as
+    written (``[::1]:9000`` -> ``("[::1]", 9000)``). The split is ``split_host_port``'s, the one
+    place a host and its port are told apart; ValueError when there is no port or it is not a
+    number."""
+    host, port = split_host_port(addr)
     return host, int(port)
 
 
@@ -82,7 +87,7 @@ def pin(addr: str) -> str:
     """``host:0`` -> ``host:<a free port>``, so N workers share one concrete port."""
     if not addr:
         return addr
-    host, port = _hostport(addr)
+    host, port = split_listen(addr)
     return addr if port else f"{host}:{_free_port(host)}"
 
 
@@ -108,7 +113,7 @@ def plan_listens(
 
     def claim(addr: str, what: str) -> str:
         if addr:
-            port = _hostport(addr)[1]
+            port = split_listen(addr)[1]
             if str(port) in used:
                 raise ValueError(
                     f"per-worker port {port} ({what}) collides with {used[str(port)]}: set "
@@ -124,7 +129,7 @@ def plan_listens(
     def own_addr(shared: str, base_env: str, i: int, what: str) -> str:
         if not shared or own == "off":
             return ""
-        host, port = _hostport(shared)
+        host, port = split_listen(shared)
         base = env.get(base_env, "")
         p = int(base) + i if base else port + OWN_PORT_STRIDE * (i + 1)
         if not 0 < p < 65536:

@@ -129,8 +129,8 @@ class Supervisor:
 
     async def main(self) -> int:
         """Run until SIGTERM/SIGINT; then stop every worker (``lifecycle.serve`` runs this)."""
-        from authz.server.admin_api import RevocationApi  # noqa: PLC0415
-        from authz.server.app import AdminServer, split_hostport  # noqa: PLC0415
+        from authz.server.admin_api import RevocationApi  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
+        from authz.server.app import AdminServer, split_hostport  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
 
         self.admin_service = await self._admin_service()
         api = RevocationApi(self.admin_service) if self.admin_service is not None else None
@@ -172,10 +172,10 @@ class Supervisor:
         """The supervisor's own Service for the admin API (None when it is off)."""
         if not self.settings.revocation.admin_api.enabled:
             return None
-        import prometheus_client as prom  # noqa: PLC0415
+        import prometheus_client as prom  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
 
-        from authz.observability import AuditLog, Metrics  # noqa: PLC0415
-        from authz.service import Service  # noqa: PLC0415
+        from authz.observability import AuditLog, Metrics  # noqa: PLC0415  (lazy: the admin API's Service only when it is on)
+        from authz.service import Service  # noqa: PLC0415  (lazy: the admin API's Service only when it is on)
 
         service = Service(
             self.settings,
@@ -267,7 +267,7 @@ class Supervisor:
 
     def _forget(self, pid: int) -> None:
         """A dead worker's gauges describe nothing any more; its counters must stay."""
-        from prometheus_client import multiprocess  # noqa: PLC0415
+        from prometheus_client import multiprocess  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
 
         multiprocess.mark_process_dead(pid, self.multiproc_dir)  # type: ignore[no-untyped-call]
         for path in glob.glob(os.path.join(self.multiproc_dir, f"gauge_*_{pid}.db")):
@@ -308,8 +308,8 @@ class Supervisor:
         )
 
     def metrics_body(self) -> tuple[bytes, str]:
-        import prometheus_client as prom  # noqa: PLC0415
-        from prometheus_client import multiprocess  # noqa: PLC0415
+        import prometheus_client as prom  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
+        from prometheus_client import multiprocess  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
 
         registry = prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.multiproc_dir)  # type: ignore[no-untyped-call]
@@ -324,7 +324,7 @@ class _SupervisorCollector:
         self._sup = sup
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import (  # noqa: PLC0415
+        from prometheus_client.core import (  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
             CounterMetricFamily,
             GaugeMetricFamily,
         )
@@ -347,7 +347,7 @@ def _process_tree_metrics(pids: Sequence[int]) -> Iterator[Any]:
     """``process_*`` for the supervisor and its workers together, read from ``/proc`` at scrape
     time: prometheus-client's multiprocess mode cannot aggregate its own process collector. A
     worker that exits takes its CPU seconds with it (Prometheus reads the drop as a reset)."""
-    from prometheus_client.core import (  # noqa: PLC0415
+    from prometheus_client.core import (  # noqa: PLC0415  (lazy: importing the lifecycle loads no metrics code)
         CounterMetricFamily,
         GaugeMetricFamily,
     )

@@ -12,7 +12,7 @@
     python deploy/monitoring/generate.py --check  # exit 1 if they are stale (the tests do this)
 
 To add an alert: add it to alerts.yaml, add a ``## AlertName`` section to docs/runbook.md, run
-this script. tests/unit/test_monitoring.py fails until all three agree.
+this script. tests/artefacts/test_monitoring.py fails until all three agree.
 
 To add a panel: add it to its row's ``panels`` in dashboard.yaml (panels flow left to right and
 wrap at 24 columns), run this script, commit dashboard.yaml and the regenerated dashboard.json and

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
@@ -343,7 +343,7 @@ async def test_an_unknown_kid_wait_is_bounded_and_the_refresh_lands_later(
     idp.reset_counts()
     idp.hold_jwks()
     assert await store.refresh_unknown_kid("contoso") is False
-    assert idp.jwks_held >= 1  # answered while the JWKS request is still unanswered
+    await held(idp)  # answered while the JWKS request is still unanswered (held at the IdP)
     assert store.refresh_due("contoso")  # the refresh is in flight: later checks join it
     idp.release_jwks()
     await store.wait_refreshes()
@@ -525,3 +525,265 @@ async def test_adopt_joins_a_refresh_in_flight(idp: DevIdP, client: httpx.AsyncC
     assert idp.request_count("keys") == 2  # one refresh: the v1 and the v2 JWKS, once each
     assert not new.refresh_due("contoso")  # and the rate limit came along
     await new.close()
+
+
+# ------------------------------------------------- single flight, adoption, failure paths
+# The dev IdP over real HTTP again; where a failure no well-behaved IdP produces is needed (a bug
+# below the store, a slow network, a tenant document naming another issuer), ``Faults`` sits
+# between the store's client and the real transport and changes that one response.
+
+
+class _Recorded(httpx.AsyncByteStream):
+    """A response body that notes when it has been read to its end."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, done: Callable[[], None]) -> None:
+        self.inner, self.done = inner, done
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.inner:
+            yield chunk
+        self.done()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class Faults(httpx.AsyncBaseTransport):
+    """The real transport to the dev IdP, with at most one fault per URL fragment: raise an
+    exception, delay the answer, rewrite its body, or hold it until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        self.real = httpx.AsyncHTTPTransport()
+        self.raise_on: dict[str, BaseException] = {}
+        self.delay: dict[str, float] = {}
+        self.rewrite: dict[str, tuple[bytes, bytes]] = {}
+        self.gate: dict[str, asyncio.Event] = {}
+        self.seen: list[str] = []  # requested
+        self.read: list[str] = []  # answered, and the body read to its end
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        self.seen.append(url)
+        for part, gate in self.gate.items():
+            if part in url:
+                await gate.wait()
+        for part, exc in self.raise_on.items():
+            if part in url:
+                raise exc
+        for part, seconds in self.delay.items():
+            if part in url:
+                await asyncio.sleep(seconds)
+        response = await self.real.handle_async_request(request)
+        for part, (old, new) in self.rewrite.items():
+            if part in url:
+                body = (await response.aread()).replace(old, new)
+                return httpx.Response(response.status_code, headers={}, content=body)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Recorded(response.stream, lambda: self.read.append(url)),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+@pytest.fixture
+async def faults() -> AsyncIterator[tuple[Faults, httpx.AsyncClient]]:
+    transport = Faults()
+    async with httpx.AsyncClient(transport=transport, trust_env=False) as c:
+        yield transport, c
+
+
+def orgs(idp: DevIdP, **kw: object) -> IssuerSpec:
+    return spec(
+        idp, name="orgs", tenant="organizations", allowed_tenants=frozenset({CONTOSO}), **kw
+    )
+
+
+async def test_concurrent_refreshes_share_one_fetch(idp: DevIdP, client: httpx.AsyncClient) -> None:
+    store, _ = await store_for(client, spec(idp))
+    await store.wait_refreshes()  # nothing in flight: returns at once
+    idp.reset_counts()
+    idp.hold_jwks()
+    first = asyncio.create_task(store.refresh("contoso"))
+    await held(idp)
+    second = asyncio.create_task(store.refresh("contoso"))  # joins the fetch in progress
+    waiting = asyncio.create_task(store.wait_refreshes())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    idp.release_jwks()
+    assert await first == await second == "unchanged"
+    await waiting
+    assert idp.request_count("keys") == 2  # one refresh: the v1 and the v2 JWKS, once each
+    await store.close()
+
+
+async def test_an_observer_that_fails_is_logged_and_the_keys_still_load(
+    idp: DevIdP, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def on_refresh(self, issuer: str, result: str, keys: int) -> None:
+            raise RuntimeError("metrics backend gone")
+
+    store = KeyStore((spec(idp),), client, observer=Broken(), clock=Clock())
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        await store.start()
+    assert store.ready
+    assert "key refresh observer failed" in caplog.text
+    await store.close()
+
+
+async def test_adopt_keeps_the_newer_snapshot_and_drops_removed_issuers(
+    idp: DevIdP, client: httpx.AsyncClient
+) -> None:
+    """A store that never loaded (outage at its start) hands over nothing; a store older than
+    the new one's keys does not overwrite them; an issuer the new config dropped takes its
+    unknown-kid rate limit with it."""
+    s, multi = spec(idp), orgs(idp, unknown_kid_min_interval_s=300.0)
+    idp.set_outage(True)
+    never, _ = await store_for(client, s)
+    assert never.snapshot("contoso") is None
+    idp.set_outage(False)
+    new = KeyStore((s,), client, clock=Clock())
+    new.adopt(never)
+    await new.start()
+    mine = new.snapshot("contoso")
+    assert mine is not None
+    old, _ = await store_for(client, s, multi)
+    await old.refresh_unknown_kid("orgs", CONTOSO)  # a forced fetch: rate-limited from now
+    assert not old.refresh_due("orgs", CONTOSO)
+    await new.refresh("contoso")  # now newer than old's
+    newer = new.snapshot("contoso")
+    new.adopt(old)
+    assert new.snapshot("contoso") is newer
+    assert new.issuers == ("contoso",)
+    assert not new.refresh_due("orgs", CONTOSO)  # not configured here: nothing to refresh
+    await never.close()
+    await old.close()
+    await new.close()
+
+
+async def test_a_jwks_over_the_size_bound_is_refused_and_the_keys_kept(
+    idp: DevIdP, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from authz.identity.keys import MAX_DOCUMENT_BYTES
+
+    store, _ = await store_for(client, spec(idp))
+    before = store.snapshot("contoso")
+    idp.set_garbled(True, b" " * (MAX_DOCUMENT_BYTES + 1))
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        assert await store.refresh("contoso") == "error"
+    assert f"body over {MAX_DOCUMENT_BYTES} bytes" in caplog.text
+    assert store.snapshot("contoso") is before
+    await store.close()
+
+
+async def test_a_tenant_refresh_that_fails_keeps_that_tenants_keys(
+    idp: DevIdP, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = await store_for(client, orgs(idp))
+    snap = store.snapshot("orgs")
+    assert snap is not None
+    kept = snap.tenant_keys[CONTOSO]
+    idp.rotate()
+    idp.set_outage(True)
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        assert await store.refresh_unknown_kid("orgs", CONTOSO) is False
+    assert f"signing keys for tenant {CONTOSO} of issuer 'orgs' not refreshed" in caplog.text
+    after = store.snapshot("orgs")
+    assert after is not None
+    assert after.tenant_keys[CONTOSO] is kept
+    await store.close()
+
+
+@pytest.mark.parametrize("scope", ["whole", "tenant-in-whole", "tenant-alone"])
+async def test_an_unexpected_error_below_the_store_is_a_failed_refresh(
+    idp: DevIdP,
+    faults: tuple[Faults, httpx.AsyncClient],
+    caplog: pytest.LogCaptureFixture,
+    scope: str,
+) -> None:
+    """Not an HTTP or OS error (a bug, say): logged with its traceback, counted as an error,
+    the last good keys kept."""
+    transport, client = faults
+    store, observer = await store_for(client, orgs(idp))
+    before = store.snapshot("orgs")
+    assert before is not None
+    where = "/organizations/" if scope == "whole" else f"/{CONTOSO}/"
+    transport.raise_on[where] = RuntimeError("a bug below the key store")
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        if scope == "tenant-alone":
+            assert await store.refresh_unknown_kid("orgs", CONTOSO) is False
+        else:
+            result = await store.refresh("orgs")
+            # a tenant failing fails alone: the issuer itself refreshed
+            assert result == ("error" if scope == "whole" else "unchanged")
+    assert "unexpected error" in caplog.text
+    assert "a bug below the key store" in caplog.text  # the traceback is logged
+    after = store.snapshot("orgs")
+    assert after is not None
+    assert after.tenant_keys[CONTOSO] == before.tenant_keys[CONTOSO]
+    assert ("orgs", "error", len(before.keys)) in observer.events
+    await store.close()
+
+
+async def test_documents_slower_than_twice_the_fetch_timeout_time_out(
+    idp: DevIdP, faults: tuple[Faults, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each GET is within its timeout, the discovery and the JWKS together are not."""
+    transport, client = faults
+    store, _ = await store_for(client, spec(idp, fetch_timeout_s=0.3))
+    transport.delay["/"] = 0.35  # discovery, then JWKS: 0.7 s > 2 x 0.3 s (the delay is ours,
+    # before the real request, so no single GET's own timeout fires)
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        assert await store.refresh("contoso") == "error"
+    assert f"{idp.base_url}/{CONTOSO}: timed out" in caplog.text
+    await store.close()
+
+
+async def test_a_tenant_document_naming_another_issuer_is_garbled(
+    idp: DevIdP, faults: tuple[Faults, httpx.AsyncClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    transport, client = faults
+    store, _ = await store_for(client, orgs(idp))
+    transport.rewrite[f"/{CONTOSO}/v2.0/.well-known"] = (
+        f"/{CONTOSO}/v2.0".encode(),
+        f"/{FABRIKAM}/v2.0".encode(),
+    )
+    with caplog.at_level(logging.ERROR, logger="authz.keys"):
+        assert await store.refresh_unknown_kid("orgs", CONTOSO) is False
+    assert f"tenant {CONTOSO}'s document names" in caplog.text
+    await store.close()
+
+
+async def test_a_whole_refresh_joins_a_tenant_refresh_in_flight(
+    idp: DevIdP, faults: tuple[Faults, httpx.AsyncClient]
+) -> None:
+    """The tenant's key set is fetched once: the whole refresh waits for the tenant refresh in
+    progress and keeps what it installed."""
+    transport, client = faults
+    store, _ = await store_for(client, orgs(idp))
+    new_kid = idp.rotate()
+    gate = transport.gate[f"/{CONTOSO}/discovery"] = asyncio.Event()
+    first = len(transport.seen)
+    tenant = asyncio.create_task(store.refresh_unknown_kid("orgs", CONTOSO))
+    while not any(f"/{CONTOSO}/discovery" in u for u in transport.seen):
+        await asyncio.sleep(0.01)
+    whole = asyncio.create_task(store.refresh("orgs"))
+    while len([u for u in transport.read if "/organizations/discovery" in u]) < 2:
+        await asyncio.sleep(0.01)  # the issuer's own documents are in: its tenant phase is next
+    for _ in range(100):  # no I/O left before it looks for the tenant's refresh: loop turns only
+        await asyncio.sleep(0)
+    assert not whole.done()  # waiting for the tenant's refresh
+    gate.set()
+    assert await tenant is True
+    assert await whole == "ok"
+    # the tenant's documents were fetched once: two discovery documents, two JWKS
+    assert len([u for u in transport.seen[first:] if f"/{CONTOSO}/" in u]) == 4
+    snap = store.snapshot("orgs")
+    assert snap is not None
+    assert new_kid in snap.tenant_keys[CONTOSO]
+    await store.close()

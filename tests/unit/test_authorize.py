@@ -51,6 +51,25 @@ def req(**kw: Any) -> Requirement:
 
 fs = frozenset
 
+
+@pytest.mark.parametrize(
+    ("requirement", "only"),
+    [
+        (AUTHENTICATED, True),
+        (Requirement(), True),
+        (ANONYMOUS, False),
+        (req(roles_any=frozenset({"A"})), False),
+        (Requirement(any_of=(Clause(), Clause(token_kind=TokenKind.APP))), False),
+    ],
+    ids=["authenticated", "default", "anonymous", "a-role", "two-clauses"],
+)
+def test_authenticated_only_means_any_valid_token_and_nothing_more(
+    requirement: Requirement, only: bool
+) -> None:
+    """What ``authz explain`` prints as "any valid token"."""
+    assert requirement.authenticated_only is only
+
+
 PASSING = [
     ("anonymous", ANONYMOUS, principal()),
     ("authenticated only", AUTHENTICATED, principal()),

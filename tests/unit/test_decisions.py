@@ -25,7 +25,7 @@ from authz.policy.errors import (
     Unavailable,
     UnknownSigningKey,
 )
-from authz.policy.headers import claim_header_value, safe_header_value
+from authz.policy.headers import _MEMO_MAX, HeaderPlan, claim_header_value, safe_header_value
 from authz.policy.model import (
     AUTHENTICATED,
     ApiSpec,
@@ -118,6 +118,20 @@ def test_allow_with_principal_sets_the_contract_and_removes_the_rest() -> None:
     }
     assert d.response_headers == ()
     assert d.body == b""
+
+
+def test_rendered_headers_are_reused_per_principal_and_the_memo_stays_bounded() -> None:
+    plan = HeaderPlan(API, CONTRACT)
+    ann = principal()
+    first = plan.render(ann)
+    assert plan.render(ann) is first  # the same verified principal: rendered once
+    others = [principal(oid=f"oid-{i}") for i in range(_MEMO_MAX)]  # more than it keeps
+    rendered = {p.oid: plan.render(p) for p in others}
+    # the memo was emptied when full, and every answer is still the principal's own
+    assert ("x-user-id", "oid-7") in rendered["oid-7"][0]
+    again = plan.render(ann)
+    assert again == first
+    assert again is not first  # rendered anew after the memo was emptied
 
 
 def test_anonymous_allow_removes_every_identity_header() -> None:

@@ -126,6 +126,17 @@ def test_groups_overage(verifier: TokenVerifier, minter: Any, env: SimpleNamespa
     assert verifier.verify(token, env.make_api()).groups_overage
 
 
+@pytest.mark.parametrize("names", ["groups", ["groups"], None], ids=["string", "list", "null"])
+def test_claim_names_that_are_not_an_object_are_invalid(
+    verifier: TokenVerifier, minter: Any, env: SimpleNamespace, names: Any
+) -> None:
+    """``_claim_names`` (the groups overage pointer) must be a JSON object: anything else is a
+    token no Entra issues, refused rather than read as "no overage"."""
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(minter.token(_claim_names=names), env.make_api())
+    assert info.value.code == Code.INVALID_CLAIM
+
+
 @pytest.mark.parametrize(
     "claims",
     [{"exp": 1_700_000_000 - 59}, {"nbf": 1_700_000_000 + 59}, {"iat": 1_700_000_000 + 59}],
@@ -153,6 +164,22 @@ def test_one_issuer_unloaded_cannot_decide(
     with pytest.raises(Unavailable) as info:  # it may be the unloaded issuer's token
         verifier.verify(minter.token(version="1.0"), env.make_api("contoso-v2", "contoso"))
     assert info.value.code == Code.KEYS_UNAVAILABLE
+
+
+def test_a_version_whose_documents_are_not_loaded_verifies_no_token(
+    rsa_key: Any, msa_key: Any, minter: Any, env: SimpleNamespace, clock: list[float]
+) -> None:
+    """An issuer configured for v1 and v2 whose snapshot holds only the v2 documents: a v1 token
+    has no issuer template to match, so it is refused (issuer_mismatch), never checked against
+    the v2 keys; its v2 tokens still verify."""
+    from tests.unit.conftest import MemoryKeys, snapshot_for
+
+    keys = MemoryKeys({"contoso": snapshot_for("contoso", rsa_key, msa_key, versions=("2.0",))})
+    verifier = make(env, keys, clock)
+    with pytest.raises(Unauthenticated) as info:
+        verifier.verify(minter.token(version="1.0"), env.make_api())
+    assert info.value.code == Code.ISSUER_MISMATCH
+    assert verifier.verify(minter.token(), env.make_api()).version == "2.0"
 
 
 def test_non_rsa_algorithms_cannot_be_configured(env: SimpleNamespace, memory_keys: Any) -> None:

@@ -1,14 +1,12 @@
 """The import graph of the ``authz`` package, built statically (ast over ``authz/**/*.py``; an
 import anywhere counts: module level, inside a function, under ``if TYPE_CHECKING``): it has no
 circle, and no arrow from production code to the development tools. ``authz.cli`` may name the
-dev tools only inside the functions that run their subcommands, and parsing ``serve`` loads none
-of them (checked in a fresh interpreter)."""
+dev tools only inside the functions that run their subcommands (that parsing ``serve`` loads none
+of them is checked in a fresh interpreter: tests/integration/test_cli_imports.py)."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -138,27 +136,6 @@ def test_cli_imports_dev_tools_only_inside_their_subcommands() -> None:
     dev_imports = [(t, n) for t, n in _imports(tree, "authz.cli", False, modules) if is_dev(t)]
     assert dev_imports  # the demo and dev-idp commands are still there
     assert [(t, getattr(n, "lineno", 0)) for t, n in dev_imports if id(n) not in allowed] == []
-
-
-_PROBE = """
-import sys
-from authz import cli
-args = cli.build_parser(sys.argv[1:]).parse_args(sys.argv[1:])
-import authz.server.lifecycle, authz.server.app, authz.service
-dev = sorted(m for m in sys.modules if m == "authz.dev" or m.startswith("authz.dev."))
-print(args.command, dev)
-"""
-
-
-def test_parsing_serve_loads_no_dev_tool() -> None:
-    def probe(*argv: str) -> str:
-        cmd = [sys.executable, "-c", _PROBE, *argv]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
-
-    assert probe("serve", "--config", "x.yaml") == "serve []\n"
-    assert probe("check-config", "x.yaml") == "check-config []\n"
-    # the dev subcommands do load them (so the probe can see a dev import)
-    assert probe("echo", "--port", "0").startswith("echo ['authz.dev'")
 
 
 # -- module size --------------------------------------------------------------------------------

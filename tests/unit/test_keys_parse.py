@@ -131,6 +131,28 @@ def test_jwks_ok(
     assert parse_jwks(body, "1.0")["k1"].issuer is None  # v1 keys carry no issuer
 
 
+def test_a_key_pinned_to_another_algorithm_is_not_ours(
+    rsa_key: rsa.RSAPrivateKey, msa_key: rsa.RSAPrivateKey, env: SimpleNamespace
+) -> None:
+    """Entra publishes no 'alg'; a key pinned to another algorithm is skipped, not refused."""
+    body = env.jwks_bytes(
+        {**env.public_jwk(rsa_key, "k1"), "alg": "RS256"},
+        {**env.public_jwk(msa_key, "k2"), "alg": "RS384"},
+    )
+    assert sorted(parse_jwks(body, "2.0")) == ["k1"]
+
+
+def test_a_key_the_crypto_library_refuses_is_garbled(
+    rsa_key: rsa.RSAPrivateKey, env: SimpleNamespace
+) -> None:
+    """Numbers that pass our checks (long enough, odd exponent) but make no RSA key: the
+    exponent is larger than the modulus."""
+    jwk = env.public_jwk(rsa_key, "k1")
+    jwk["e"] = env.b64url((2**2049 + 1).to_bytes(257, "big"))
+    with pytest.raises(GarbledJwks, match=r"key 'k1' is unusable \(InvalidKeyError\)"):
+        parse_jwks(env.jwks_bytes(jwk), "2.0")
+
+
 def _rsa_jwk(env: SimpleNamespace, key: rsa.RSAPrivateKey, **changes: Any) -> dict[str, Any]:
     jwk = env.public_jwk(key, "k1")
     jwk.update(changes)

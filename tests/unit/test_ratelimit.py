@@ -17,8 +17,8 @@ from authz.engine import Engine
 from authz.identity.entra import TokenVerifier
 from authz.observability import AuditLog
 from authz.policy.errors import Code
-from authz.policy.model import RequestAttrs
-from authz.policy.ratelimit import Counters, client_ip, retry_after, sliding_estimate
+from authz.policy.model import LimitKeyPart, LimitSpec, Principal, RequestAttrs, TokenKind
+from authz.policy.ratelimit import Counters, _key_fn, client_ip, retry_after, sliding_estimate
 
 WEEK = 7 * 86400
 T0 = 1_699_747_200.0  # a multiple of every period used below (aligned on a week)
@@ -110,8 +110,9 @@ def test_sliding_estimate(prev: int, cur: int, offset: float, expected: float) -
         (3, 0, 0.0, 4),  # previous window decays: 3 * (1 - t/10) <= 2 -> t = 3.33 -> 4
         (4, 1, 5.0, 3),  # 4 * (1 - t/10) + 1 <= 2 -> t = 7.5, i.e. 2.5 s from now -> 3
         (0, 1, 0.0, 20),  # limit 1: the estimate reaches 0 at the end of the next window
+        (0, 2, 3.0, 1),  # room left now (only the throttled request itself was over): 1 s
     ],
-    ids=["next-window", "near-boundary", "previous-decays", "mixed", "limit-one"],
+    ids=["next-window", "near-boundary", "previous-decays", "mixed", "limit-one", "room-now"],
 )
 def test_retry_after(prev: int, cur: int, offset: float, expected: int) -> None:
     limit = 1 if (prev, cur) == (0, 1) else 3
@@ -128,6 +129,43 @@ def test_retry_after(prev: int, cur: int, offset: float, expected: int) -> None:
     assert estimate_at(got) + 1 <= limit + 1e-9
     assert got == 1 or estimate_at(got - 1) + 1 > limit
     assert got == expected
+
+
+ALICE_OID = "alice-oid"
+KEYED = [
+    ("ip", ("ip",), True, "10.0.0.1"),
+    ("ip-anonymous", ("ip",), False, "10.0.0.1"),
+    ("oid", ("oid",), True, ALICE_OID),
+    ("oid-anonymous", ("oid",), False, None),
+    ("ip+oid", ("ip", "oid"), True, "10.0.0.1\x1falice-oid"),
+    ("oid+ip", ("oid", "ip"), True, "alice-oid\x1f10.0.0.1"),
+    ("ip+oid-anonymous", ("ip", "oid"), False, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("key", "identified", "expected"), [k[1:] for k in KEYED], ids=[k[0] for k in KEYED]
+)
+def test_a_limit_key_joins_its_parts_and_a_claim_needs_an_identity(
+    key: tuple[LimitKeyPart, ...], identified: bool, expected: str | None
+) -> None:
+    """Each limit's key function (built once): the client address and claims joined with a
+    separator no claim holds; a key naming a claim does not apply without a verified identity."""
+    fn = _key_fn(LimitSpec(name="x", key=key, limit=1, period_s=60))
+    who = Principal(
+        tid="t",
+        oid=ALICE_OID,
+        sub="s",
+        client_id="c",
+        kind=TokenKind.USER,
+        version="2.0",
+        issuer="i",
+        audience="a",
+        provider="p",
+        expires_at=0,
+    )
+    attrs = RequestAttrs(method="GET", path="/", host="h", headers={}, source_address="10.0.0.1")
+    assert fn(who if identified else None, attrs) == expected
 
 
 def test_client_ip_prefers_the_peer_then_the_envoy_header_then_one_shared_bucket() -> None:
@@ -274,6 +312,15 @@ def test_pending_goes_in_flight_and_settles_on_the_global_total() -> None:
     c.settle(KEY, 3, 10)  # Redis: 10 in all (7 from other replicas)
     assert c.count(KEY) == 11
     assert c.take_pending() == ([(KEY, 1)], [])
+
+
+def test_nothing_pending_pushes_nothing() -> None:
+    c = Counters()
+    c.hit(KEY)
+    c.take_pending()
+    c.restore(KEY, 0)  # a failed push of nothing: the key is looked at, no zero increment sent
+    assert c.take_pending() == ([], [])
+    assert c.count(KEY) == 1
 
 
 def test_a_failed_push_is_pending_again_and_the_previous_window_asked_again() -> None:

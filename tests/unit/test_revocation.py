@@ -95,6 +95,32 @@ def test_a_rule_matches_when_every_named_claim_equals(
     assert bool(rules.match(who(), at(NOW))) is matches
 
 
+MINE = {
+    "uti": "token-id-1",
+    "sid": "sess-1",
+    "oid": OID,
+    "sub": "pairwise-sub",
+    "azp": AZP,
+    "tid": TID,
+}
+
+
+@pytest.mark.parametrize("claim", list(MINE))
+def test_matches_checks_every_claim_it_names(claim: str) -> None:
+    """``matches`` itself, whichever claim the index found the rule by: one differing claim is
+    enough to spare the token."""
+    assert rule(**MINE).matches(who())
+    assert not rule(**{**MINE, claim: "someone-else"}).matches(who())
+
+
+def test_a_rule_naming_no_claim_is_filed_nowhere_and_matches_nothing() -> None:
+    """Validation refuses such a rule ("(rule)": it must name a claim); the set, handed one
+    anyway, does not let it revoke every token."""
+    naked = rule(issued_before=NOW)
+    assert "(rule)" in {k for k, _ in problems(issued_before=NOW)}
+    assert RevocationSet([naked]).match(who(), at(NOW)) == ()
+
+
 @pytest.mark.parametrize(
     ("iat", "revoked"),
     [(NOW - 1, True), (NOW, False), (NOW + 10, False)],

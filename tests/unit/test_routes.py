@@ -124,6 +124,15 @@ def test_an_encoded_config_path_is_refused_with_its_canonical_spelling() -> None
         RouteTable.build(api(route("export", "/orders/export%3Aall")))
 
 
+@pytest.mark.parametrize("path", ["/a%zz", "/a%2Fb", "/a%00"], ids=["bad-escape", "slash", "nul"])
+def test_a_config_path_no_request_can_spell_gets_no_spelling_hint(path: str) -> None:
+    """A path that has no canonical form (a request spelling it is refused as bad input) is
+    refused without a "write it as" hint: there is nothing to write instead."""
+    with pytest.raises(ValueError, match="not canonical and could never match") as err:
+        RouteTable.build(api(route("r", path)))
+    assert "write it as" not in str(err.value)
+
+
 def test_empty_api_matches_nothing() -> None:
     assert RouteTable.build(api()).match("GET", "", "/") is None
 
@@ -342,6 +351,14 @@ UNREACHABLE = [
         [],
     ),
     ("any-host covers host list", [route("p", "/a", "prefix"), route("e", "/a", hosts=H)], ["e"]),
+    (
+        "same host list covers",
+        [
+            route("p", "/a", "prefix", hosts=H),
+            route("e", "/a", hosts=frozenset({"A.example.com."})),
+        ],
+        ["e"],
+    ),
     (
         "wildcard covers host",
         [route("p", "/a", "prefix", hosts=frozenset({"*.example.com"})), route("e", "/a", hosts=H)],

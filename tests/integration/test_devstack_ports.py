@@ -9,6 +9,8 @@ import pytest
 
 from authz.dev import stack as devstack
 
+pytestmark = pytest.mark.integration
+
 
 def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
     low = devstack._ephemeral_low()
