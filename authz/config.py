@@ -509,6 +509,12 @@ class _Api(_Model):
             raise ValueError(f"expected a lower-case name like 'orders', got {v!r}")
         return v
 
+    @field_validator("require_bound_tokens", mode="before")
+    @classmethod
+    def _bound(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false: that is what the operator wrote.
+        return "off" if v is False else v
+
     @field_validator("resource_metadata")
     @classmethod
     def _rm(cls, v: str) -> str:

@@ -56,8 +56,8 @@ from authz.identity.cache import CachedIdentity, ClaimsCache
 from authz.policy.errors import Code, Denial, Unauthenticated, Unavailable, UnknownSigningKey
 from authz.policy.model import (
     GUID_RE,
-    Actor,
     SUPPORTED_ALGORITHMS,
+    Actor,
     ApiSpec,
     IssuerSpec,
     Principal,

@@ -25,8 +25,8 @@ control characters; nothing in a challenge comes from the request or the token. 
 renders each API's challenges once, when it is built (``ResponsePlan``).
 
 Dynamic metadata (allow and deny alike): ``decision_id``, ``api``, ``route``, ``code``, ``oid``,
-``tid``, ``azp``, ``actor`` (human/agent/app); strings, empty when unknown. A rate-limited decision (or dry-run would-limit)
-adds ``rate_limit``: the name of the limit.
+``tid``, ``azp``, ``actor`` (human/agent/app); strings, empty when unknown. A rate-limited
+decision (or dry-run would-limit) adds ``rate_limit``: the name of the limit.
 
 Pure module: no grpc, prometheus, asyncio or network imports.
 """

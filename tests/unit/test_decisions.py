@@ -27,8 +27,8 @@ from authz.policy.errors import (
 )
 from authz.policy.headers import claim_header_value, safe_header_value
 from authz.policy.model import (
-    Actor,
     AUTHENTICATED,
+    Actor,
     ApiSpec,
     HeaderContract,
     Principal,
