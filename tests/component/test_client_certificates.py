@@ -90,7 +90,7 @@ def test_http_falls_back_to_cert(client: Issued) -> None:
         "Hash={h};Hash={h}",  # which one is Envoy's?
         "Hash=abc",  # not a SHA-256
         "Hash=zz" + "0" * 62,  # not hex
-        "Subject=\"CN=a\"",  # neither Hash nor Cert
+        'Subject="CN=a"',  # neither Hash nor Cert
         "Hash",  # no '='
         'Cert="not-a-pem"',
     ],
