@@ -67,9 +67,9 @@ def test_grpc_ignores_a_client_sent_xfcc_header(client: Issued) -> None:
 def test_http_reads_hash_from_envoys_xfcc(client: Issued) -> None:
     pem = quote(client.cert_pem.decode(), safe="")
     xfcc = (
-        'By=spiffe://cluster.local/ns/a/sa/b;Hash={};Cert="{}";Subject="CN=client-a,O=x;y";'
+        f'By=spiffe://cluster.local/ns/a/sa/b;Hash={client.sha256_hex};Cert="{pem}";Subject="CN=client-a,O=x;y";'
         "URI=spiffe://client"
-    ).format(client.sha256_hex, pem)
+    )
     assert http_attrs({"x-forwarded-client-cert": xfcc}) == client.x5t
     assert http_attrs({"x-forwarded-client-cert": f"Hash={client.sha256_hex.upper()}"}) == (
         client.x5t
