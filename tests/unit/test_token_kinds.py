@@ -439,3 +439,39 @@ def test_config_rejects_bad_actor_and_binding_values(old: str, new: str, problem
     with pytest.raises(authz_config.ConfigError) as err:
         authz_config.parse(text, env={})
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+# ---------------------------------------------------------------------------- observability
+
+
+def test_actor_is_a_metric_label_and_an_audit_field() -> None:
+    import io
+
+    import prometheus_client as prom
+
+    from authz.observability import AuditLog, Metrics
+    from authz.policy.model import Decision
+
+    registry = prom.CollectorRegistry()
+    metrics = Metrics(registry)
+    agent = Decision(True, 200, "ok", "r", "d1", api="orders", principal=_who(Actor.AGENT))
+    anonymous = Decision(False, 401, "missing_token", "r", "d2", api="orders")
+    for d in (agent, agent, anonymous):
+        metrics.record_check(d, 0.001)
+    value = registry.get_sample_value
+    assert (
+        value(
+            "authz_checks_by_actor_total", {"api": "orders", "decision": "allow", "actor": "agent"}
+        )
+        == 2
+    )
+    assert (
+        value("authz_checks_by_actor_total", {"api": "orders", "decision": "deny", "actor": "none"})
+        == 1
+    )
+    buf = io.StringIO()
+    log = AuditLog(buf)
+    log.record(RequestAttrs(method="GET", path="/"), agent, 0.001)
+    log.record(RequestAttrs(method="GET", path="/"), anonymous, 0.001)
+    log.flush()
+    assert [json.loads(line)["actor"] for line in buf.getvalue().splitlines()] == ["agent", ""]
