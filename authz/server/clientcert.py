@@ -47,7 +47,9 @@ def pem_x5t(urlencoded_pem: str) -> str:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double quotes (XFCC values quote ',', ';' and '=')."""
-    parts, current, quoted, escaped = [], [], False, False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = escaped = False
     for char in text:
         if escaped:
             escaped = False
