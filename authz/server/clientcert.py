@@ -47,6 +47,8 @@ def pem_x5t(urlencoded_pem: str) -> str:
 
 def _split(text: str, sep: str) -> list[str]:
     """Split on ``sep`` outside double quotes (XFCC values quote ',', ';' and '=')."""
+    if '"' not in text:
+        return text.split(sep)  # nothing quoted: the common Hash=...;URI=... value
     parts: list[str] = []
     current: list[str] = []
     quoted = escaped = False
@@ -66,6 +68,7 @@ def _split(text: str, sep: str) -> list[str]:
     return parts
 
 
+@functools.lru_cache(maxsize=256)  # a client sends the same value on every request
 def xfcc_x5t(value: str) -> str:
     """The thumbprint in an ``x-forwarded-client-cert`` value ("" when the header is absent).
 
