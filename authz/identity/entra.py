@@ -23,6 +23,9 @@ cheap structure first, and no claim is trusted for the decision before the signa
     claim types                                  key_issuer_mismatch
  8. API checks: aud, scp/roles policy            audience_mismatch, app_token_without_roles,
                                                  no_scope_or_role
+The principal also records who acts (``Actor``: an Entra Agent ID agent when ``xms_par_app_azp``
+or an agent facet is present, else human/app by token kind) and the RFC 8705 ``cnf`` binding;
+mistyped agent or ``cnf`` claims are ``invalid_claim`` (docs/token-kinds.md).
 Steps 1-7 do not depend on the API asking (beyond which issuers it trusts), so their result is
 cached under ``sha256(token)`` (``authz.identity.cache``); step 8 runs on every call.
 
