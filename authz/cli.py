@@ -172,6 +172,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--api", default="", help="as Envoy's context_extensions 'api'")
     e.add_argument("--token", default="", help="the access token, or - to read it from stdin")
     e.add_argument("--jwks", default="", help="a JWKS file to use instead of live discovery")
+    e.add_argument(
+        "--client-cert",
+        default="",
+        metavar="PEM",
+        help="the client certificate the request comes with (certificate-bound tokens)",
+    )
     e.set_defaults(func=cmd_explain)
 
     d = sub.add_parser("demo", help="run the end-to-end demo (dev-idp, authz, Envoy, echo)")

@@ -43,7 +43,9 @@ from authz.policy.model import (
     GUID_RE,
     MULTI_TENANT,
     SUPPORTED_ALGORITHMS,
+    ActorRule,
     ApiSpec,
+    BoundTokens,
     Clause,
     HeaderContract,
     IssuerSpec,
@@ -365,6 +367,7 @@ class _Headers(_Model):
     roles: StrictStr = "x-roles"
     scopes: StrictStr = "x-scopes"
     token_kind: StrictStr = "x-token-kind"
+    actor_kind: StrictStr = "x-actor-kind"
     also_strip: StrList = Field(default_factory=list)
 
 
@@ -415,6 +418,8 @@ class _RateLimit(_Model):
 
 class _Clause(_Model):
     token_kind: Literal["app", "user", "any"] = "any"
+    # Left out: no agent passes (people and ordinary apps do); docs/token-kinds.md.
+    actor: Literal["human", "agent", "any"] | None = None
     roles_any: StrList = Field(default_factory=list)
     roles_all: StrList = Field(default_factory=list)
     scopes_any: StrList = Field(default_factory=list)
@@ -487,6 +492,7 @@ class _Api(_Model):
     match: _Match = Field(default_factory=_Match)
     mode: Literal["enforce", "dry-run"] = "enforce"
     require_scope_or_role: bool = True
+    require_bound_tokens: Literal["off", "when_present", "always"] = "when_present"
     forward_authorization: bool = False
     strip_method_override: bool = True
     claim_headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)
@@ -502,6 +508,12 @@ class _Api(_Model):
         if not NAME_RE.fullmatch(v):
             raise ValueError(f"expected a lower-case name like 'orders', got {v!r}")
         return v
+
+    @field_validator("require_bound_tokens", mode="before")
+    @classmethod
+    def _bound(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false: that is what the operator wrote.
+        return "off" if v is False else v
 
     @field_validator("resource_metadata")
     @classmethod
@@ -623,6 +635,7 @@ def _problems(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[st
 def _clause(model: _Clause) -> Clause:
     return Clause(
         token_kind=TokenKind(model.token_kind),
+        actor=ActorRule.NOT_AGENT if model.actor is None else ActorRule(model.actor),
         roles_any=frozenset(model.roles_any),
         roles_all=frozenset(model.roles_all),
         scopes_any=frozenset(model.scopes_any),
@@ -774,7 +787,15 @@ def _header_name(value: str, where: str, problems: list[str], *, set_by_us: bool
 def _contract(m: _Headers, problems: list[str]) -> HeaderContract:
     names = {
         k: _header_name(getattr(m, k), f"headers.{k}", problems)
-        for k in ("user_id", "tenant_id", "client_id", "roles", "scopes", "token_kind")
+        for k in (
+            "user_id",
+            "tenant_id",
+            "client_id",
+            "roles",
+            "scopes",
+            "token_kind",
+            "actor_kind",
+        )
     }
     if len(set(names.values())) != len(names):
         problems.append("headers: the contract header names must be distinct")
@@ -852,6 +873,7 @@ def _api(
         realm=m.realm,
         resource_metadata=m.resource_metadata,
         rate_limits=_limits(m.rate_limits, f"apis[{i}].rate_limits", problems),
+        require_bound_tokens=BoundTokens(m.require_bound_tokens),
     )
 
 

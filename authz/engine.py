@@ -8,6 +8,8 @@ Phases and the status they decide (the phase that fails decides, evaluators neve
   1. path canonicalisation        400 non_canonical_path (always enforced, even in dry-run)
   2. API selection, route match   403 unknown_api / no_matching_route
   3. identity (bearer + token)    400 invalid_request, 401 ..., 503 keys_unavailable
+     certificate binding          401 token_binding_* / token_not_bound (RFC 8705, per API's
+                                  require_bound_tokens; ``authz.policy.binding``)
      revocation (deny list)       401 token_revoked (cached claims included: it runs after every
                                   verify, hit or miss)
   4. route requirements           403 missing_role, ... (or a 401 claims challenge)
@@ -15,7 +17,9 @@ Phases and the status they decide (the phase that fails decides, evaluators neve
 Dry-run (per API or route) turns a denial from phases 2-4 into an allow that still carries the
 real code (``would_deny``); identity headers are then set only from a token that verified.
 A revoked token is denied even in dry-run (revocation is an emergency brake, not a rule being
-tried out), and on an anonymous route it counts as no token at all.
+tried out), and on an anonymous route it counts as no token at all. The same holds for a bound
+token presented without its certificate (token_binding_*: the presenter is not its holder); an
+unbound token where bound ones are required (token_not_bound) follows dry-run.
 
 Must not import grpc, prometheus, asyncio or network libraries (a test checks the imports).
 """
@@ -33,6 +37,7 @@ from authz.config import Settings
 from authz.identity.bearer import extract_bearer
 from authz.identity.entra import TokenVerifier
 from authz.policy.authorize import CompiledRequirement
+from authz.policy.binding import BINDING_CODES, check_binding
 from authz.policy.decisions import ResponsePlan
 from authz.policy.errors import Code, Denial, Forbidden, Unauthenticated, UnknownSigningKey
 from authz.policy.model import (
@@ -49,6 +54,8 @@ from authz.policy.ratelimit import Counters, RateLimiter
 from authz.policy.revocation import EMPTY, RevocationSet, RevocationView, revocation_denial
 from authz.policy.routes import ApiSelector, RouteTable
 
+# Denials that dry-run never turns into an allow (see the module docstring).
+_ALWAYS_ENFORCED = frozenset({Code.TOKEN_REVOKED, *BINDING_CODES})
 _ID_BATCH = 256  # decision ids per getrandom() call: one syscall per check cost ~3 % of a check
 _id_pool: list[str] = []
 os.register_at_fork(after_in_child=_id_pool.clear)  # a forked child never reuses the parent's
@@ -151,13 +158,14 @@ class Engine:
             if token is None:
                 raise Unauthenticated(Code.MISSING_TOKEN)
             principal = self._verifier.verify(token, api)
+            check_binding(api.require_bound_tokens, principal, attrs.client_cert_x5t)
             revoked = self._revocations.current.match(principal, self._clock)
             if revoked:
                 raise revocation_denial(revoked, principal)
             requirement.check(principal)
             return self._allow_limited(decision_id, attrs, plan, route, principal)
         except Denial as denial:
-            if mode is Mode.DRY_RUN and plan is not None and denial.code is not Code.TOKEN_REVOKED:
+            if mode is Mode.DRY_RUN and plan is not None and denial.code not in _ALWAYS_ENFORCED:
                 return plan.responses.allow(
                     decision_id=decision_id, route=route, principal=principal, would_deny=denial
                 )
@@ -179,6 +187,9 @@ class Engine:
         try:
             token = extract_bearer(attrs.headers, _query(attrs.path))
             principal = None if token is None else self._verifier.verify(token, api)
+            if principal is not None:
+                # A bound token without its certificate identifies nobody here either.
+                check_binding(api.require_bound_tokens, principal, attrs.client_cert_x5t)
         except Denial:
             return None
         if principal is not None and self._revocations.current.match(principal, self._clock):

@@ -25,8 +25,11 @@ from authz.identity.bearer import extract_bearer
 from authz.identity.entra import KeySnapshot, KeySource, TokenVerifier, tenant_allowed
 from authz.identity.fetch import key_fetch_client
 from authz.identity.keys import KeyFetchError, KeyStore, parse_jwks
+from authz.policy.authorize import ACTORS_ADMITTED
+from authz.policy.binding import check_binding
 from authz.policy.errors import Denial
 from authz.policy.model import (
+    ActorRule,
     ApiSpec,
     Clause,
     IssuerSpec,
@@ -118,6 +121,8 @@ def _clause_text(c: Clause) -> str:
     parts = []
     if c.token_kind is not TokenKind.ANY:
         parts.append(f"token_kind={c.token_kind.value}")
+    if c.actor is not ActorRule.NOT_AGENT:
+        parts.append(f"actor={c.actor.value}")
     for name in (
         "roles_any",
         "roles_all",
@@ -141,6 +146,15 @@ def _clause_checks(c: Clause, p: Principal) -> list[tuple[bool, str]]:
         checks.append(
             (p.kind is c.token_kind, f"token kind {p.kind.value} == {c.token_kind.value}")
         )
+    # Every clause checks the actor: left out, it admits no agent (docs/token-kinds.md).
+    admitted = ACTORS_ADMITTED[c.actor]
+    rule = "(default: no agents)" if c.actor is ActorRule.NOT_AGENT else c.actor.value
+    checks.append(
+        (
+            admitted is None or p.actor in admitted,
+            f"actor {p.actor.value} admitted by actor={rule}",
+        )
+    )
     if c.tenants:
         checks.append((p.tid in c.tenants, f"tenant {p.tid} in {sorted(c.tenants)}"))
     if c.clients:
@@ -207,6 +221,8 @@ def explain(
         out(f"  FAIL path: {d.code}: {d.reason}")
 
     principal = _explain_token(settings, verifier, keys, attrs, api, out, now)
+    if principal is not None and api is not None:
+        _explain_binding(api, principal, attrs.client_cert_x5t, out)
     if principal is not None:
         revoked = revocations.match(principal, clock)
         out(f"  {_mark(not revoked)} not revoked ({len(revocations)} rule(s) in force)")
@@ -260,7 +276,9 @@ def _explain_token(
         return None
     header, claims = _segment(token, 0), _segment(token, 1)
     out(f"  token: {len(token)} bytes, alg={header.get('alg')!r} kid={header.get('kid')!r}")
-    for name in ("iss", "aud", "tid", "ver", "azp", "appid", "idtyp", "scp", "roles", "uti"):
+    shown = ("iss", "aud", "tid", "ver", "azp", "appid", "idtyp", "scp", "roles", "uti")
+    agent_claims = ("xms_par_app_azp", "xms_act_fct", "xms_sub_fct", "cnf")
+    for name in (*shown, *agent_claims):
         if name in claims:
             out(f"       {name} = {claims[name]!r}")
     for name in ("iat", "nbf", "exp"):
@@ -300,9 +318,25 @@ def _explain_token(
     if principal is not None:
         out(
             "  PASS verify: signature, issuer, key issuer, lifetime, tenant, claim types "
-            f"({principal.kind.value} token)"
+            f"({principal.kind.value} token, actor {principal.actor.value})"
         )
     return principal
+
+
+def _explain_binding(api: ApiSpec, p: Principal, presented: str, out: Out) -> None:
+    """The RFC 8705 check (``authz.policy.binding``): what the token is bound to, what the
+    request presented, and the verdict."""
+    mode = api.require_bound_tokens.value
+    bound = (p.cnf_x5t or "another method than x5t#S256") if p.bound else "nothing (no cnf)"
+    cert = presented or "none"
+    try:
+        check_binding(api.require_bound_tokens, p, presented)
+    except Denial as d:
+        out(f"  FAIL certificate binding (require_bound_tokens={mode}): {d.code}")
+        out(f"       token bound to {bound}; client certificate {cert}")
+        return
+    out(f"  PASS certificate binding (require_bound_tokens={mode})")
+    out(f"       token bound to {bound}; client certificate {cert}")
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
@@ -331,6 +365,18 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             return 2
         revocations = RevocationSet(found)
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    presented = ""
+    if args.client_cert:
+        from urllib.parse import quote  # noqa: PLC0415
+
+        from authz.server.clientcert import pem_x5t  # noqa: PLC0415
+
+        try:
+            with open(args.client_cert, encoding="ascii") as f:
+                presented = pem_x5t(quote(f.read()))
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"cannot read the client certificate: {e}", file=sys.stderr)
+            return 2
     attrs = RequestAttrs(
         method=args.method,
         path=args.path,
@@ -338,5 +384,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         headers=headers,
         context={"api": args.api} if args.api else {},
         request_id="explain",
+        client_cert_x5t=presented,
     )
     return 0 if explain(settings, keys, attrs, print, revocations=revocations) else 1

@@ -109,6 +109,14 @@ class Metrics:
             ["api", "route", "decision", "code"],
             registry=registry,
         )
+        # Who acts (docs/token-kinds.md): a separate series, so authz_checks keeps its labels.
+        self.checks_by_actor = prom.Counter(
+            "authz_checks_by_actor",
+            "Authorization checks by API, decision and actor: human, agent, app, or none "
+            "(no verified token).",
+            ["api", "decision", "actor"],
+            registry=registry,
+        )
         self.check_duration = prom.Histogram(
             "authz_check_duration_seconds",
             "Time to decide one check, inside the service.",
@@ -237,6 +245,7 @@ class Metrics:
         self.redis_up: prom.Gauge | None = None
         self._limited_seen: dict[tuple[str, str, str, str], int] = {}
         self._check_children: dict[tuple[str, str, str, str], Any] = {}
+        self._actor_children: dict[tuple[str, str, str], Any] = {}
         self._duration_children: dict[tuple[str, str], Any] = {}
         self._cache_seen = (0, 0)
 
@@ -247,6 +256,12 @@ class Metrics:
         if child is None:
             child = self._check_children[key] = self.checks.labels(*key)
         child.inc()
+        p = d.principal
+        akey = (d.api, label, "none" if p is None else p.actor.value)
+        actor_child = self._actor_children.get(akey)
+        if actor_child is None:
+            actor_child = self._actor_children[akey] = self.checks_by_actor.labels(*akey)
+        actor_child.inc()
         dkey = (d.api, label)
         hist = self._duration_children.get(dkey)
         if hist is None:
@@ -374,6 +389,7 @@ class AuditLog:
             f'"decision":"{outcome(d)}",'
             f'"would_deny":{"true" if d.would_deny else "false"},"status":{int(d.status)},'
             f'"code":{q(d.code)},"tid":{q(tid)},"oid":{q(oid)},"azp":{q(azp)},"uti":{q(uti)},'
+            f'"actor":"{"" if p is None else p.actor.value}",'
             f'"latency_us":{seconds * 1e6:.1f}'
         )
         if d.code == "rate_limited":  # which limit (its configured name, never the key value)

@@ -20,6 +20,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from typing import Any, Self
 
 import httpx
 
+from authz.dev.certs import DevCA, Issued
 from authz.dev.echo import EchoServer
 from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
 from authz.envoyconf import defaults, placeholders, render
@@ -139,6 +141,10 @@ apis:
         path_prefix: /orders/me/
         methods: [GET]
         require: authenticated
+      - name: agents    # Entra Agent ID callers only (docs/token-kinds.md)
+        path_prefix: /orders/agents/
+        methods: [GET]
+        require: {{actor: agent}}
   - name: inventory
     audiences: ["api://inventory", "{inventory_id}"]
     issuers: [contoso]
@@ -326,6 +332,10 @@ class Stack:
     config_text: str | None = None
     redis: bool = False  # a real redis-server shares rate-limit counters
     replicas: int = 1  # authz processes behind Envoy (> 1: gRPC, envoy/sidecar-workers.yaml)
+    # Downstream mTLS (envoy/sidecar-mtls.yaml, sidecar-http-mtls.yaml): a CA and certificates
+    # generated at start in workdir/tls; ``request(cert=...)`` presents a client certificate.
+    mtls: bool = False
+    ca: DevCA | None = None
     redis_server: RedisServer | None = None
     extra: list[subprocess.Popen[bytes]] = field(default_factory=list)
     extra_files: list[Any] = field(default_factory=list)
@@ -349,6 +359,10 @@ class Stack:
                 self.ports[f"{name}{i}"] = free_port()
         if self.redis:
             self.redis_server = RedisServer(self.workdir / "redis").start()
+        if self.mtls:
+            self.ca = DevCA()
+            self.ca.issue("localhost", server=True).write(self.tls_dir, "server")
+            self.ca.write(self.tls_dir)
         self.config_path = self.workdir / "authz.yaml"
         self.config_path.write_text(self.render_config())
         self._start_authz()
@@ -369,6 +383,17 @@ class Stack:
         if self.redis_server is not None and "\nredis:" not in text:
             text += f'redis:\n  url: "{self.redis_server.url}"\n  sync_interval_seconds: 0.05\n'
         return text
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.workdir / "tls"
+
+    def client_cert(self, name: str) -> Issued:
+        """A client certificate from this stack's CA (mtls=True), written beside the CA."""
+        assert self.ca is not None, "Stack(mtls=True) issues client certificates"
+        issued = self.ca.issue(name)
+        issued.write(self.tls_dir, f"client-{name}")
+        return issued
 
     @property
     def revocations_path(self) -> Path:
@@ -441,6 +466,9 @@ class Stack:
             "API_NAME": "orders",
             "PATH_PREFIX": "/orders",
             "XFF_TRUSTED_HOPS": "0",
+            "TLS_CERT_FILE": str(self.tls_dir / "server.crt"),
+            "TLS_KEY_FILE": str(self.tls_dir / "server.key"),
+            "CLIENT_CA_FILE": str(self.tls_dir / "ca.crt"),
             "AUTHZ_ENDPOINTS": envoy_endpoints(
                 [self.ports["grpc"], *(self.ports[f"grpc{i}"] for i in range(1, self.replicas))]
             ),
@@ -454,6 +482,8 @@ class Stack:
         name = "sidecar-http.yaml" if self.transport == "http" else "sidecar.yaml"
         if self.replicas > 1:
             name = "sidecar-workers.yaml"  # every replica's gRPC port as an endpoint
+        if self.mtls:
+            name = name.replace(".yaml", "-mtls.yaml")
         template = (ENVOY_DIR / name).read_text()
         text = render(template, self.envoy_values(template))
         path = self.workdir / f"envoy-{name}"
@@ -527,6 +557,7 @@ class Stack:
         token: str | None = None,
         headers: Mapping[str, str] | list[tuple[str, str]] | None = None,
         host: str | None = None,
+        cert: Issued | None = None,
     ) -> Reply:
         hdrs: list[tuple[str, str]] = list(
             headers.items() if isinstance(headers, Mapping) else headers or []
@@ -536,7 +567,7 @@ class Stack:
         if host is not None:
             hdrs.append(("host", host))
         # raw path: httpx would normalise it, and path tricks are part of what we test
-        with socket.create_connection(("127.0.0.1", self.ports["envoy"]), timeout=10) as s:
+        with self._connect(cert) as s:
             lines = [f"{method} {path} HTTP/1.1"]
             if host is None:
                 lines.append(f"host: localhost:{self.ports['envoy']}")
@@ -547,6 +578,21 @@ class Stack:
             while chunk := s.recv(65536):
                 raw += chunk
         return _parse_response(raw)
+
+    def _connect(self, cert: Issued | None) -> socket.socket:
+        """A connection to Envoy's listener: plain, or TLS (mtls=True) that trusts the stack's
+        CA and presents ``cert`` when given."""
+        raw = socket.create_connection(("127.0.0.1", self.ports["envoy"]), timeout=10)
+        if not self.mtls:
+            assert cert is None, "a client certificate needs Stack(mtls=True)"
+            return raw
+        context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        if cert is not None:
+            name = cert.cert.subject.rfc4514_string().removeprefix("CN=")
+            context.load_cert_chain(
+                self.tls_dir / f"client-{name}.crt", self.tls_dir / f"client-{name}.key"
+            )
+        return context.wrap_socket(raw, server_hostname="localhost")
 
     def mint(self, **kw: Any) -> str:
         kw.setdefault("aud", "api://orders")

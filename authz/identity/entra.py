@@ -23,6 +23,9 @@ cheap structure first, and no claim is trusted for the decision before the signa
     claim types                                  key_issuer_mismatch
  8. API checks: aud, scp/roles policy            audience_mismatch, app_token_without_roles,
                                                  no_scope_or_role
+The principal also records who acts (``Actor``: an Entra Agent ID agent when ``xms_par_app_azp``
+or an agent facet is present, else human/app by token kind) and the RFC 8705 ``cnf`` binding;
+mistyped agent or ``cnf`` claims are ``invalid_claim`` (docs/token-kinds.md).
 Steps 1-7 do not depend on the API asking (beyond which issuers it trusts), so their result is
 cached under ``sha256(token)`` (``authz.identity.cache``); step 8 runs on every call.
 
@@ -57,6 +60,7 @@ from authz.policy.errors import Code, Denial, Unauthenticated, Unavailable, Unkn
 from authz.policy.model import (
     GUID_RE,
     SUPPORTED_ALGORITHMS,
+    Actor,
     ApiSpec,
     IssuerSpec,
     Principal,
@@ -567,6 +571,9 @@ _PRINCIPAL_FIELDS = (
     "uti",
     "idtyp",
     "claims",
+    "actor",
+    "bound",
+    "cnf_x5t",
 )
 # A member descriptor's ``__set__`` per field (None where a field is missing: the fast path is
 # off then, and these are never called).
@@ -605,6 +612,9 @@ _FAST_PRINCIPAL = (
     _set_uti,
     _set_idtyp,
     _set_claims,
+    _set_actor,
+    _set_bound,
+    _set_cnf_x5t,
 ) = _SETTERS
 
 
@@ -630,6 +640,9 @@ def _build_principal(
     uti: str,
     idtyp: str,
     claims: Mapping[str, Any],
+    actor: Actor,
+    bound: bool,
+    cnf_x5t: str,
 ) -> Principal:
     p = _object_new(Principal)
     _set_tid(p, tid)
@@ -653,6 +666,9 @@ def _build_principal(
     _set_uti(p, uti)
     _set_idtyp(p, idtyp)
     _set_claims(p, claims)
+    _set_actor(p, actor)
+    _set_bound(p, bound)
+    _set_cnf_x5t(p, cnf_x5t)
     return p
 
 
@@ -699,6 +715,9 @@ def _principal(
     # scp and oid == sub means an app-only token.
     app_only = idtyp == "app" if idtyp else (not scopes and bool(oid) and oid == sub)
     roles_list = tuple(roles)
+    kind = _APP if app_only else _USER
+    actor = Actor.AGENT if _is_agent(payload) else (Actor.APP if app_only else Actor.HUMAN)
+    bound, cnf_x5t = _confirmation(payload)
     return _new_principal(
         tid,
         oid,
@@ -706,7 +725,7 @@ def _principal(
         # The client is the version's own claim: 'appid' in v1, 'azp' in v2. The other one is
         # not Entra's for that version, so it never stands in (allowlists, x-client-id).
         appid if ver == "1.0" else azp,  # client_id
-        _APP if app_only else _USER,
+        kind,
         ver,
         iss,
         aud,
@@ -723,7 +742,53 @@ def _principal(
         uti,
         idtyp,
         MappingProxyType(payload),
+        actor,
+        bound,
+        cnf_x5t,
     )
+
+
+# Entra Agent ID (docs/token-kinds.md cites Microsoft's pages): an agent identity token carries
+# 'xms_par_app_azp' (the agent identity blueprint; absent from ordinary app tokens), and the facet
+# claims 'xms_act_fct' (the actor) / 'xms_sub_fct' (the subject) list, space-separated, the kinds
+# of entity involved: 11 is an agent identity, 13 an agent's user account. Any one of these marks
+# the token as an agent's, whatever 'idtyp' says (an agent user's token says "user"); other facet
+# values are not interpreted. Microsoft: log 'xms_par_app_azp', do not authorise on its value.
+_AGENT_FACETS = frozenset({"11", "13"})
+_FACET_CLAIMS = ("xms_act_fct", "xms_sub_fct")
+
+
+def _is_agent(payload: Mapping[str, Any]) -> bool:
+    parent = payload.get("xms_par_app_azp", "")
+    if parent.__class__ is not str:
+        raise _deny(Code.INVALID_CLAIM, "'xms_par_app_azp' is not a string")
+    agent = bool(parent)
+    for name in _FACET_CLAIMS:
+        value = payload.get(name)
+        if value is None:
+            if name in payload:
+                raise _deny(Code.INVALID_CLAIM, f"'{name}' is not a string of facets")
+            continue
+        if value.__class__ is not str:
+            # Documented as a space-separated string ("3 9 11"); anything else could hide a
+            # facet we would miss, so it is refused rather than read as "no agent".
+            raise _deny(Code.INVALID_CLAIM, f"'{name}' is not a string of facets")
+        agent = agent or not _AGENT_FACETS.isdisjoint(value.split())
+    return agent
+
+
+def _confirmation(payload: Mapping[str, Any]) -> tuple[bool, str]:
+    """RFC 8705 §3.1: ``(bound, x5t)`` from the 'cnf' claim. ``bound`` when 'cnf' is present
+    (whatever its method); ``x5t`` is its 'x5t#S256' member, "" when it has none."""
+    if "cnf" not in payload:
+        return False, ""
+    cnf = payload["cnf"]
+    if cnf.__class__ is not dict:
+        raise _deny(Code.INVALID_CLAIM, "'cnf' is not an object")
+    x5t = cnf.get("x5t#S256", "")
+    if x5t.__class__ is not str:
+        raise _deny(Code.INVALID_CLAIM, "'cnf' 'x5t#S256' is not a string")
+    return True, x5t
 
 
 def _check_api(p: Principal, api: ApiSpec) -> None:

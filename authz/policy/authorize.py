@@ -4,12 +4,14 @@ A ``Requirement`` is anonymous (always passes) or a list of alternative ``Clause
 when ANY clause holds. A clause holds when every non-empty field holds, checked in this order:
 
     1 token_kind   -> wrong_token_kind        (app vs user)
-    2 tenants      -> tenant_not_permitted    (tid in the set)
-    3 clients      -> client_not_allowed      (azp/appid in the set)
-    4 roles_any / roles_all -> missing_role   (at least one / every one)
-    5 scopes_any / scopes_all -> missing_scope (against the token's 'scp' names)
-    6 groups_any   -> groups_overage when the token's groups did not fit in it, else missing_group
-    7 auth_context -> auth_context_required   (the 'acrs' claim lacks the value): a 401
+    2 actor        -> actor_not_allowed       (human / agent / app; by default no agent passes:
+                                               ``ActorRule.NOT_AGENT``, docs/token-kinds.md)
+    3 tenants      -> tenant_not_permitted    (tid in the set)
+    4 clients      -> client_not_allowed      (azp/appid in the set)
+    5 roles_any / roles_all -> missing_role   (at least one / every one)
+    6 scopes_any / scopes_all -> missing_scope (against the token's 'scp' names)
+    7 groups_any   -> groups_overage when the token's groups did not fit in it, else missing_group
+    8 auth_context -> auth_context_required   (the 'acrs' claim lacks the value): a 401
                       ClaimsChallenge when the client declared it can answer one (xms_cc has
                       "cp1"), else a 403 Forbidden
 
@@ -35,17 +37,25 @@ import json
 from dataclasses import dataclass
 
 from authz.policy.errors import ClaimsChallenge, Code, Denial, Forbidden
-from authz.policy.model import Clause, Principal, Requirement, TokenKind
+from authz.policy.model import Actor, ActorRule, Clause, Principal, Requirement, TokenKind
 
-__all__ = ["CompiledRequirement", "authorize"]
+__all__ = ["ACTORS_ADMITTED", "CompiledRequirement", "authorize"]
 
-_TOKEN_KIND, _TENANT, _CLIENT, _ROLE, _SCOPE, _GROUP, _AUTH_CONTEXT = range(1, 8)
+_TOKEN_KIND, _ACTOR, _TENANT, _CLIENT, _ROLE, _SCOPE, _GROUP, _AUTH_CONTEXT = range(1, 9)
+# The actors each rule admits (None: every actor, no check).
+ACTORS_ADMITTED: dict[ActorRule, frozenset[Actor] | None] = {
+    ActorRule.NOT_AGENT: frozenset({Actor.HUMAN, Actor.APP}),
+    ActorRule.HUMAN: frozenset({Actor.HUMAN}),
+    ActorRule.AGENT: frozenset({Actor.AGENT}),
+    ActorRule.ANY: None,
+}
 _CAN_ANSWER_CLAIMS_CHALLENGE = "cp1"
 
 
 @dataclass(frozen=True, slots=True)
 class _CompiledClause:
     kind: TokenKind | None
+    actors: frozenset[Actor] | None
     tenants: frozenset[str]
     clients: frozenset[str]
     roles_any: frozenset[str]
@@ -68,6 +78,7 @@ class _CompiledClause:
             )
         return cls(
             kind=None if clause.token_kind == TokenKind.ANY else clause.token_kind,
+            actors=ACTORS_ADMITTED[clause.actor],
             tenants=clause.tenants,
             clients=clause.clients,
             roles_any=clause.roles_any,
@@ -85,6 +96,8 @@ class _CompiledClause:
         """0 when the clause holds, else the number of the first check that fails."""
         if self.kind is not None and p.kind != self.kind:
             return _TOKEN_KIND
+        if self.actors is not None and p.actor not in self.actors:
+            return _ACTOR
         if self.tenants and p.tid not in self.tenants:
             return _TENANT
         if self.clients and p.client_id not in self.clients:
@@ -106,6 +119,8 @@ class _CompiledClause:
     def denial(self, step: int, p: Principal) -> Denial:
         if step == _TOKEN_KIND:
             return Forbidden(Code.WRONG_TOKEN_KIND)
+        if step == _ACTOR:
+            return Forbidden(Code.ACTOR_NOT_ALLOWED)
         if step == _TENANT:
             return Forbidden(Code.TENANT_NOT_PERMITTED)
         if step == _CLIENT:

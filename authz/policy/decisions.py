@@ -25,8 +25,8 @@ control characters; nothing in a challenge comes from the request or the token. 
 renders each API's challenges once, when it is built (``ResponsePlan``).
 
 Dynamic metadata (allow and deny alike): ``decision_id``, ``api``, ``route``, ``code``, ``oid``,
-``tid``, ``azp``; strings, empty when unknown. A rate-limited decision (or dry-run would-limit)
-adds ``rate_limit``: the name of the limit.
+``tid``, ``azp``, ``actor`` (human/agent/app); strings, empty when unknown. A rate-limited
+decision (or dry-run would-limit) adds ``rate_limit``: the name of the limit.
 
 Pure module: no grpc, prometheus, asyncio or network imports.
 """
@@ -85,6 +85,7 @@ def _metadata(
         "oid": principal.oid if principal is not None else "",
         "tid": principal.tid if principal is not None else "",
         "azp": principal.client_id if principal is not None else "",
+        "actor": principal.actor.value if principal is not None else "",
     }
     if isinstance(denial, RateLimited):
         meta["rate_limit"] = denial.limit  # the configured limit's name (never the key value)

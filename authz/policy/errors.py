@@ -8,10 +8,11 @@ they never pick HTTP statuses themselves.
     Denial                      (abstract; never raised directly)
     ├── BadRequest          400 invalid_request, non_canonical_path
     ├── Unauthenticated     401 missing_token, malformed_token, bad_signature, token_expired, ...
+    │   │                       token_binding_missing, token_binding_mismatch, ... (RFC 8705)
     │   ├── UnknownSigningKey 401 unknown_signing_key (names the issuer to refresh)
     │   └── ClaimsChallenge 401 auth_context_required, when the client can answer a claims challenge
     │                           (and token_revoked, when a newer token would pass: CAE's nbf)
-    ├── Forbidden           403 no_matching_route, missing_role, missing_scope, ...
+    ├── Forbidden           403 no_matching_route, missing_role, actor_not_allowed, ...
     ├── RateLimited         429 rate_limited, with Retry-After and the RateLimit headers
     └── Unavailable         503 keys_unavailable, internal_error
 
@@ -56,6 +57,10 @@ class Code(StrEnum):
     APP_TOKEN_WITHOUT_ROLES = "app_token_without_roles"
     AUTH_CONTEXT_REQUIRED = "auth_context_required"
     TOKEN_REVOKED = "token_revoked"
+    TOKEN_BINDING_MISSING = "token_binding_missing"
+    TOKEN_BINDING_MISMATCH = "token_binding_mismatch"
+    TOKEN_BINDING_UNSUPPORTED = "token_binding_unsupported"
+    TOKEN_NOT_BOUND = "token_not_bound"
     # 403: a valid identity that the route does not admit
     UNKNOWN_API = "unknown_api"
     NO_MATCHING_ROUTE = "no_matching_route"
@@ -64,6 +69,7 @@ class Code(StrEnum):
     MISSING_GROUP = "missing_group"
     GROUPS_OVERAGE = "groups_overage"
     WRONG_TOKEN_KIND = "wrong_token_kind"
+    ACTOR_NOT_ALLOWED = "actor_not_allowed"
     CLIENT_NOT_ALLOWED = "client_not_allowed"
     TENANT_NOT_PERMITTED = "tenant_not_permitted"
     # 429
@@ -100,6 +106,14 @@ MEANING: dict[Code, str] = {
     Code.APP_TOKEN_WITHOUT_ROLES: "an app-only token without 'roles'",
     Code.AUTH_CONTEXT_REQUIRED: "the route needs a Conditional Access auth context ('acrs')",
     Code.TOKEN_REVOKED: "the token matches a revocation rule (revoked by an administrator)",
+    Code.TOKEN_BINDING_MISSING: "the token is certificate-bound ('cnf') but the request came "
+    "without a client certificate",
+    Code.TOKEN_BINDING_MISMATCH: "the token is bound to another client certificate than the "
+    "one presented (cnf x5t#S256 differs)",
+    Code.TOKEN_BINDING_UNSUPPORTED: "the token is bound ('cnf') by a method other than a "
+    "certificate thumbprint (x5t#S256): its binding cannot be checked",
+    Code.TOKEN_NOT_BOUND: "the API requires certificate-bound tokens and this one has no "
+    "'cnf' x5t#S256",
     Code.UNKNOWN_API: "the request could not be assigned to a configured API",
     Code.NO_MATCHING_ROUTE: "no route of the API matches the method and path",
     Code.MISSING_ROLE: "the token lacks the role(s) the route requires",
@@ -107,6 +121,8 @@ MEANING: dict[Code, str] = {
     Code.MISSING_GROUP: "the token is in none of the groups the route requires",
     Code.GROUPS_OVERAGE: "the token has too many groups to embed; group rules cannot be decided",
     Code.WRONG_TOKEN_KIND: "app-only token on a delegated-only route, or the reverse",
+    Code.ACTOR_NOT_ALLOWED: "the route does not admit this kind of actor (an AI agent where "
+    "only people or apps may call, or the reverse)",
     Code.CLIENT_NOT_ALLOWED: "the calling client app (azp/appid) is not allowed on the route",
     Code.TENANT_NOT_PERMITTED: "the token's tenant is not allowed on this route",
     Code.RATE_LIMITED: "the caller exceeded its rate limit",

@@ -2,7 +2,7 @@
 removes, and how values are made safe to put in a header.
 
 On EVERY allow (anonymous routes and dry-run included) every contract header we do not set is
-removed, so a client can never smuggle identity to the backend: the six standard headers, the
+removed, so a client can never smuggle identity to the backend: the seven standard headers, the
 contract's ``also_strip`` names, the API's ``claim_headers`` names, the method-override headers
 (``x-http-method-override``, ``x-method-override``, ``x-http-method``) unless the API sets
 ``strip_method_override: false``, and ``authorization`` unless the API sets
@@ -16,6 +16,7 @@ Values, with a principal:
     user_id -> oid         tenant_id -> tid       client_id -> azp/appid
     roles   -> roles in token order, comma-joined  scopes -> 'scp' verbatim (space-separated)
     token_kind -> "app" | "user"                   claim_headers -> the claim, stringified
+    actor_kind -> "human" | "agent" | "app"        (docs/token-kinds.md)
 
 A claim is stringified as: a string as-is; a list with its items comma-joined (strings as-is,
 anything else as compact JSON); any other value as compact JSON (``true``, ``42``, ``{"a":1}``).
@@ -135,7 +136,7 @@ class HeaderPlan:
         return rendered
 
     def _render(self, principal: Principal) -> _Rendered:
-        user_id, tenant_id, client_id, roles, scopes, token_kind = self._standard
+        user_id, tenant_id, client_id, roles, scopes, token_kind, actor_kind = self._standard
         candidates = [
             (user_id, safe_header_value(principal.oid)),
             (tenant_id, safe_header_value(principal.tid)),
@@ -143,6 +144,7 @@ class HeaderPlan:
             (roles, ",".join(safe_header_value(r, list_item=True) for r in principal.roles_list)),
             (scopes, safe_header_value(principal.scp)),
             (token_kind, principal.kind.value),
+            (actor_kind, principal.actor.value),
         ]
         claims = principal.claims
         for header, claim in self._claims:

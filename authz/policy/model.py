@@ -41,6 +41,40 @@ class TokenKind(StrEnum):
     ANY = "any"
 
 
+class Actor(StrEnum):
+    """Who acts behind a token (``authz.identity.entra`` decides; docs/token-kinds.md):
+
+    a person through a client app, an Entra Agent ID agent (on its own, through its agent user
+    account, or for a person), or an ordinary application acting as itself."""
+
+    HUMAN = "human"
+    AGENT = "agent"
+    APP = "app"
+
+
+class ActorRule(StrEnum):
+    """A clause's ``actor`` requirement. ``NOT_AGENT`` is the default (the key left out): people
+    and ordinary applications pass, as ``token_kind`` allows; an agent passes only a clause that
+    names ``agent`` or ``any``."""
+
+    NOT_AGENT = "not_agent"
+    HUMAN = "human"
+    AGENT = "agent"
+    ANY = "any"
+
+
+class BoundTokens(StrEnum):
+    """An API's ``require_bound_tokens`` (RFC 8705 certificate-bound access tokens):
+
+    ``off``: ``cnf`` is ignored (a bound token is accepted as a plain bearer token);
+    ``when_present`` (default): a token that carries ``cnf`` must come with its certificate;
+    ``always``: every token must be certificate-bound and come with its certificate."""
+
+    OFF = "off"
+    WHEN_PRESENT = "when_present"
+    ALWAYS = "always"
+
+
 class Mode(StrEnum):
     ENFORCE = "enforce"
     DRY_RUN = "dry-run"
@@ -66,6 +100,13 @@ class RequestAttrs:
     context: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
     request_id: str = ""
     source_address: str = ""
+    # The client certificate Envoy saw on the downstream TLS connection, as its RFC 8705
+    # thumbprint: base64url(SHA-256(DER)), unpadded. "" = no certificate; UNREADABLE_CERT = one
+    # was forwarded but could not be read (it then matches no token's cnf).
+    client_cert_x5t: str = ""
+
+
+UNREADABLE_CERT = "!unreadable"
 
 
 # ------------------------------------------------------------------------------------- principal
@@ -98,6 +139,9 @@ class Principal:
     idtyp: str = ""
     # The verified claim set, read-only; used only for configured claim->header mappings.
     claims: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    actor: Actor = Actor.HUMAN  # who acts: xms_par_app_azp / facet claims (agents), else kind
+    bound: bool = False  # the token carries a 'cnf' claim (it is sender-constrained)
+    cnf_x5t: str = ""  # cnf["x5t#S256"]: the certificate thumbprint it is bound to ("" = none)
 
 
 # ----------------------------------------------------------------------------------- requirements
@@ -112,6 +156,7 @@ class Clause:
     """
 
     token_kind: TokenKind = TokenKind.ANY
+    actor: ActorRule = ActorRule.NOT_AGENT
     roles_any: frozenset[str] = frozenset()
     roles_all: frozenset[str] = frozenset()
     scopes_any: frozenset[str] = frozenset()
@@ -222,6 +267,7 @@ class HeaderContract:
     roles: str = "x-roles"
     scopes: str = "x-scopes"
     token_kind: str = "x-token-kind"
+    actor_kind: str = "x-actor-kind"
     # Extra headers any client might forge and that we therefore always remove.
     also_strip: tuple[str, ...] = ()
 
@@ -234,6 +280,7 @@ class HeaderContract:
             self.roles,
             self.scopes,
             self.token_kind,
+            self.actor_kind,
         )
 
 
@@ -256,6 +303,7 @@ class ApiSpec:
     realm: str = ""  # WWW-Authenticate realm; "" = the API name
     resource_metadata: str = ""  # RFC 9728 URL, added to challenges when set
     rate_limits: tuple[LimitSpec, ...] = ()  # counted per API, for every request of it
+    require_bound_tokens: BoundTokens = BoundTokens.WHEN_PRESENT  # RFC 8705 (cnf x5t#S256)
 
 
 # -------------------------------------------------------------------------------------- decision

@@ -25,6 +25,7 @@ from authz._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz._proto.envoy.type.v3 import http_status_pb2
 from authz._proto.google.rpc import status_pb2
 from authz.policy.model import EMPTY_MAP, Decision, RequestAttrs
+from authz.server.clientcert import pem_x5t
 
 CheckRequest = external_auth_pb2.CheckRequest
 CheckResponse = external_auth_pb2.CheckResponse
@@ -68,6 +69,10 @@ def request_to_attrs(req: CheckRequest) -> RequestAttrs:
     else:
         headers = _headers_from_map(http.header_map.headers)
     context = attributes.context_extensions
+    # The downstream TLS client's certificate (URL-encoded PEM), present only with
+    # include_peer_certificate: true on an mTLS listener. Envoy fills it from the connection, so
+    # no client can forge it; an x-forwarded-client-cert header is NOT read over gRPC.
+    certificate = attributes.source.certificate
     return RequestAttrs(
         method=http.method,
         path=http.path,
@@ -77,6 +82,7 @@ def request_to_attrs(req: CheckRequest) -> RequestAttrs:
         context=dict(context) if context else EMPTY_MAP,
         request_id=headers.get("x-request-id", "") or http.id,
         source_address=attributes.source.address.socket_address.address,
+        client_cert_x5t=pem_x5t(certificate) if certificate else "",
     )
 
 

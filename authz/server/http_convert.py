@@ -27,6 +27,7 @@ from types import MappingProxyType
 from authz.policy.decisions import deny, internal_error
 from authz.policy.errors import BadRequest, Code
 from authz.policy.model import Decision, RequestAttrs
+from authz.server.clientcert import xfcc_x5t
 
 __all__ = [
     "UnsafeHeaderError",
@@ -50,7 +51,9 @@ def request_to_attrs(
     ``headers`` are as the parser collected them: names lower-cased, repeated headers
     comma-joined, as ``convert.request_to_attrs`` sees them over gRPC. The dict is wrapped, not
     copied: the caller hands it over and never touches it again. HTTP carries no scheme, source
-    address nor context extensions: those fields stay empty.
+    address nor context extensions: those fields stay empty. The client certificate comes from
+    ``x-forwarded-client-cert``, which the shipped mTLS configs let only Envoy set
+    (``forward_client_cert_details: SANITIZE_SET``; docs/token-kinds.md).
     """
     path = target.decode("latin-1")
     if path_prefix:
@@ -65,6 +68,7 @@ def request_to_attrs(
         host=headers.get("host", ""),
         headers=MappingProxyType(headers),
         request_id=headers.get("x-request-id", ""),
+        client_cert_x5t=xfcc_x5t(headers.get("x-forwarded-client-cert", "")),
     )
 
 

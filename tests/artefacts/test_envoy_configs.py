@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from authz import envoyconf
+from authz.dev.certs import DevCA
 from authz.envoyconf import TemplateError, defaults, placeholders, read_values, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +47,20 @@ TEST_VALUES: dict[str, dict[str, str]] = {
         "RATELIMIT_HOST": "localhost",
         "RATELIMIT_PORT": "18081",
     },
+    "sidecar-mtls.yaml": {
+        "LISTEN_PORT": "18480",
+        "APP_PORT": "18481",
+        "AUTHZ_GRPC_PORT": "19041",
+        "ADMIN_PORT": "19941",
+        "STATS_PORT": "19942",
+    },
+    "sidecar-http-mtls.yaml": {
+        "LISTEN_PORT": "18580",
+        "APP_PORT": "18581",
+        "AUTHZ_HTTP_PORT": "19051",
+        "ADMIN_PORT": "19951",
+        "STATS_PORT": "19952",
+    },
     "ingress.yaml": {
         "LISTEN_PORT": "18280",
         "ADMIN_PORT": "19921",
@@ -64,6 +79,7 @@ TEST_VALUES: dict[str, dict[str, str]] = {
     },
 }
 TEMPLATES = sorted(TEST_VALUES)
+MTLS_TEMPLATES = ("sidecar-mtls.yaml", "sidecar-http-mtls.yaml")
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 CONTRACT_HEADERS = [
     "x-user-id",
@@ -72,6 +88,7 @@ CONTRACT_HEADERS = [
     "x-roles",
     "x-scopes",
     "x-token-kind",
+    "x-actor-kind",
 ]
 
 
@@ -83,9 +100,25 @@ def envoy_binary() -> str:
     return found
 
 
-def rendered(name: str) -> str:
+def rendered(name: str, **values: str) -> str:
     text = (ENVOY_DIR / name).read_text(encoding="utf-8")
-    return render(text, {**defaults(text), **TEST_VALUES[name]})
+    return render(text, {**defaults(text), **TEST_VALUES[name], **values})
+
+
+def is_http(name: str) -> bool:
+    """The HTTP ext_authz variants (their metadata keys are x-authz-* header names)."""
+    return "-http" in name
+
+
+def tls_files(directory: Path) -> dict[str, str]:
+    """A CA and a server certificate generated now (Envoy's validate mode reads the files)."""
+    ca = DevCA()
+    crt, key = ca.issue("localhost", server=True).write(directory, "server")
+    return {
+        "TLS_CERT_FILE": str(crt),
+        "TLS_KEY_FILE": str(key),
+        "CLIENT_CA_FILE": str(ca.write(directory)),
+    }
 
 
 def envoy_validate(config: Path, base_id: int) -> subprocess.CompletedProcess[str]:
@@ -144,7 +177,8 @@ def config(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_validates_with_envoy(name: str, tmp_path: Path) -> None:
     path = tmp_path / name
-    path.write_text(rendered(name), encoding="utf-8")
+    tls = tls_files(tmp_path) if name in MTLS_TEMPLATES else {}
+    path.write_text(rendered(name, **tls), encoding="utf-8")
     result = envoy_validate(path, base_id=40_000 + TEMPLATES.index(name))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "deprecated" not in (result.stdout + result.stderr).lower()
@@ -168,14 +202,15 @@ def test_every_placeholder_has_a_documented_default(name: str) -> None:
 
 
 def test_fails_closed_with_503(config: tuple[str, dict[str, Any]]) -> None:
-    _, cfg = config
+    name, cfg = config
     (hcm,) = hcms(cfg)
     f = ext_authz(hcm)
     assert f["transport_api_version"] == "V3"
     assert f["failure_mode_allow"] is False
     assert f["status_on_error"]["code"] in (503, "ServiceUnavailable")
     assert "with_request_body" not in f
-    assert "include_peer_certificate" not in f  # no downstream TLS in these listeners
+    # only the gRPC mTLS listener hands the client certificate to authz (bound tokens)
+    assert f.get("include_peer_certificate", False) is (name == "sidecar-mtls.yaml")
     service = f.get("grpc_service") or f["http_service"]["server_uri"]
     assert service["timeout"] == "0.25s"
 
@@ -201,7 +236,7 @@ def test_access_log_has_decision_fields_and_never_the_token(
     (log,) = hcm["access_log"]
     fields = log["typed_config"]["log_format"]["json_format"]
     assert "authorization" not in yaml.safe_dump(hcm["access_log"]).lower()
-    prefix = "x-authz-" if name.endswith("-http.yaml") else ""
+    prefix = "x-authz-" if is_http(name) else ""
     for field, key in [("authz_code", "code"), ("decision_id", "decision_id"), ("api", "api")]:
         meta_key = prefix + key.replace("_", "-") if prefix else key
         assert fields[field] == f"%DYNAMIC_METADATA({EXT_AUTHZ}:{meta_key})%"
@@ -232,8 +267,8 @@ def test_grpc_routes_name_their_api(name: str) -> None:
 def test_authz_cluster_speaks_http2(config: tuple[str, dict[str, Any]]) -> None:
     name, cfg = config
     opts_key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    if name.endswith("-http.yaml"):  # HTTP ext_authz: HTTP/1.1, one check per connection at a time
-        c = cluster(cfg, "authz_http" if name == "sidecar-http.yaml" else "authz")
+    if is_http(name):  # HTTP ext_authz: HTTP/1.1, one check per connection at a time
+        c = cluster(cfg, "authz_http" if name.startswith("sidecar-http") else "authz")
         assert (
             "http_protocol_options"
             in c["typed_extension_protocol_options"][opts_key]["explicit_http_config"]
@@ -247,7 +282,7 @@ def test_authz_cluster_speaks_http2(config: tuple[str, dict[str, Any]]) -> None:
     assert ext_authz(hcms(cfg)[0])["grpc_service"]["envoy_grpc"]["cluster_name"] == "authz"
 
 
-@pytest.mark.parametrize("name", ["sidecar.yaml", "sidecar-http.yaml"])
+@pytest.mark.parametrize("name", ["sidecar.yaml", "sidecar-http.yaml", *MTLS_TEMPLATES])
 def test_sidecar_talks_to_loopback_only(name: str) -> None:
     cfg = yaml.safe_load(rendered(name))
     for c in cfg["static_resources"]["clusters"]:
@@ -322,6 +357,7 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
         "x-authz-oid",
         "x-authz-tid",
         "x-authz-azp",
+        "x-authz-actor",
     }
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
     assert {"www-authenticate", "retry-after", "ratelimit", "ratelimit-policy"} <= client
@@ -335,6 +371,46 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
         ]
     }  # and no allowed_headers in it: deprecated there
     assert "x-authz-client-ip" not in sent
+
+
+def test_no_shipped_config_forwards_a_client_sent_xfcc(config: tuple[str, dict[str, Any]]) -> None:
+    """x-forwarded-client-cert is read as proof of the client's certificate (HTTP transport):
+    a listener must never pass on a client's copy (FORWARD_ONLY, APPEND_FORWARD, ...)."""
+    name, cfg = config
+    for hcm in hcms(cfg):
+        details = hcm.get("forward_client_cert_details", "SANITIZE")
+        assert details == ("SANITIZE_SET" if name in MTLS_TEMPLATES else "SANITIZE")
+
+
+@pytest.mark.parametrize("name", MTLS_TEMPLATES)
+def test_mtls_variants_verify_optional_client_certificates_and_set_xfcc(name: str) -> None:
+    cfg = yaml.safe_load(rendered(name))
+    (listener,) = [x for x in cfg["static_resources"]["listeners"] if x["name"] == "ingress"]
+    (chain,) = listener["filter_chains"]
+    tls = chain["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("DownstreamTlsContext")
+    assert tls["require_client_certificate"] is False  # unbound tokens still connect
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"]
+    (hcm,) = hcms(cfg)
+    assert hcm["forward_client_cert_details"] == "SANITIZE_SET"
+    assert "set_current_client_cert_details" in hcm
+    f = ext_authz(hcm)
+    if is_http(name):
+        sent = {p["exact"] for p in f["allowed_headers"]["patterns"]}
+        assert "x-forwarded-client-cert" in sent
+    else:
+        assert f["include_peer_certificate"] is True
+    # the rest is the plain sidecar's: same routes and the same authz filter otherwise
+    plain_text = (ENVOY_DIR / name.replace("-mtls", "")).read_text(encoding="utf-8")
+    plain = yaml.safe_load(render(plain_text, {**defaults(plain_text), **TEST_VALUES[name]}))
+    (plain_hcm,) = hcms(plain)
+    assert hcm["route_config"] == plain_hcm["route_config"]
+    for key in ("forward_client_cert_details", "set_current_client_cert_details"):
+        hcm.pop(key)
+    f.pop("include_peer_certificate", None)
+    if is_http(name):
+        f["allowed_headers"]["patterns"].remove({"exact": "x-forwarded-client-cert"})
+    assert hcm == plain_hcm
 
 
 # ------------------------------------------------------------------------------- the renderer

@@ -503,6 +503,32 @@ def test_cli_mint(idp: DevIdP, capsys: pytest.CaptureFixture[str]) -> None:
     assert claims["appid"] == "bbbbbbbb-0000-4000-8000-00000000000b"
 
 
+@pytest.mark.parametrize(
+    ("agent", "kind", "idtyp"),
+    [("autonomous", "app", "app"), ("agent-user", "user", "user"), ("on-behalf-of", "user", None)],
+)
+def test_cli_mints_agent_and_bound_tokens(
+    idp: DevIdP, capsys: pytest.CaptureFixture[str], agent: str, kind: str, idtyp: str | None
+) -> None:
+    args = parse("dev-idp", "mint", "--url", idp.base_url, "--agent", agent, "--cnf-x5t", "T")
+    assert args.func(args) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["xms_par_app_azp"] == "30cf4c22-9985-4ef7-8756-91cc888176bd"
+    assert "11" in claims["xms_act_fct"].split()
+    assert claims.get("idtyp") == idtyp
+    assert ("roles" in claims) == (kind == "app")
+    assert claims["cnf"] == {"x5t#S256": "T"}
+
+
+def test_mint_refuses_an_agent_kind_that_contradicts_the_token_kind(idp: DevIdP) -> None:
+    with pytest.raises(ValueError, match="autonomous agent token is app-only"):
+        idp.mint(kind="user", agent="autonomous")
+    with pytest.raises(ValueError, match="agent must be one of"):
+        idp.mint(agent="robot")
+    reply = httpx.post(f"{idp.base_url}/_dev/token", json={"agent": 1}, timeout=5)
+    assert reply.status_code == 400
+
+
 def test_cli_mint_errors(idp: DevIdP, capsys: pytest.CaptureFixture[str]) -> None:
     args = parse("dev-idp", "mint", "--url", idp.base_url, "--aud", "x", "--scp", "A B")
     assert args.func(args) == 0

@@ -188,3 +188,52 @@ def test_a_revoked_token_is_explained(
     rc = cli.main(["explain", "--config", str(config), "--path", "/orders/7", "--token", token])
     assert rc == 2
     assert "rules[0].reason: required key is missing" in capsys.readouterr().err
+
+
+def test_the_actor_check_is_explained(
+    idp: DevIdP, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = idp.mint(aud="api://orders", agent="agent-user")
+    rc, out = run(capsys, "--config", str(config), "--path", "/orders/7", "--token", token)
+    assert rc == 1
+    for line in (
+        "xms_par_app_azp = '30cf4c22-9985-4ef7-8756-91cc888176bd'",
+        "xms_sub_fct = '13'",
+        "PASS verify: signature, issuer, key issuer, lifetime, tenant, claim types "
+        "(user token, actor agent)",
+        "FAIL actor agent admitted by actor=(default: no agents)",
+        "decision: DENY 403 actor_not_allowed",
+    ):
+        assert line in out, line
+    rc, out = run(capsys, "--config", str(config), "--path", "/orders/agents/x", "--token", token)
+    assert rc == 0
+    assert "PASS requirement: {actor=agent}" in out
+    assert "PASS actor agent admitted by actor=agent" in out
+    assert "sets x-actor-kind: agent" in out
+
+
+def test_the_binding_check_is_explained(
+    idp: DevIdP, config: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from authz.dev.certs import DevCA
+
+    ca = DevCA()
+    mine, other = ca.issue("mine"), ca.issue("other")
+    mine_path, _ = mine.write(tmp_path, "mine")
+    other_path, _ = other.write(tmp_path, "other")
+    token = idp.mint(aud="api://orders", cnf_x5t=mine.x5t)
+    base = ("--config", str(config), "--path", "/orders/7", "--token", token)
+    rc, out = run(capsys, *base, "--client-cert", str(mine_path))
+    assert rc == 0
+    assert "PASS certificate binding (require_bound_tokens=when_present)" in out
+    assert f"token bound to {mine.x5t}; client certificate {mine.x5t}" in out
+    rc, out = run(capsys, *base, "--client-cert", str(other_path))
+    assert rc == 1
+    assert (
+        "FAIL certificate binding (require_bound_tokens=when_present): token_binding_mismatch"
+        in out
+    )
+    assert "decision: DENY 401 token_binding_mismatch" in out
+    rc, out = run(capsys, *base)
+    assert "token_binding_missing" in out
+    assert run(capsys, *base, "--client-cert", str(tmp_path / "nope.pem"))[0] == 2

@@ -28,6 +28,7 @@ from authz.policy.errors import (
 from authz.policy.headers import _MEMO_MAX, HeaderPlan, claim_header_value, safe_header_value
 from authz.policy.model import (
     AUTHENTICATED,
+    Actor,
     ApiSpec,
     HeaderContract,
     Principal,
@@ -51,7 +52,15 @@ METADATA_API = replace(
     API, resource_metadata="https://orders.example.com/.well-known/oauth-protected-resource"
 )
 
-STANDARD = ("x-user-id", "x-tenant-id", "x-client-id", "x-roles", "x-scopes", "x-token-kind")
+STANDARD = (
+    "x-user-id",
+    "x-tenant-id",
+    "x-client-id",
+    "x-roles",
+    "x-scopes",
+    "x-token-kind",
+    "x-actor-kind",
+)
 OVERRIDES = ("x-http-method-override", "x-method-override", "x-http-method")
 
 
@@ -103,6 +112,7 @@ def test_allow_with_principal_sets_the_contract_and_removes_the_rest() -> None:
         ("x-roles", "B,A"),
         ("x-scopes", "Orders.Read Orders.Write"),
         ("x-token-kind", "user"),
+        ("x-actor-kind", "human"),
         ("x-user-name", "Ann"),
         ("x-groups", "g1,g2"),
     )
@@ -115,6 +125,7 @@ def test_allow_with_principal_sets_the_contract_and_removes_the_rest() -> None:
         "oid": "oid-1",
         "tid": "tid-1",
         "azp": "azp-1",
+        "actor": "human",
     }
     assert d.response_headers == ()
     assert d.body == b""
@@ -154,6 +165,7 @@ def test_anonymous_allow_removes_every_identity_header() -> None:
         "oid": "",
         "tid": "",
         "azp": "",
+        "actor": "",
     }
 
 
@@ -182,13 +194,21 @@ def test_method_override_headers_are_stripped_once_when_also_listed() -> None:
 
 
 def test_empty_values_are_removed_not_set() -> None:
-    app = principal(kind=TokenKind.APP, scp="", scopes=frozenset(), roles_list=(), claims={})
+    app = principal(
+        kind=TokenKind.APP,
+        actor=Actor.AGENT,
+        scp="",
+        scopes=frozenset(),
+        roles_list=(),
+        claims={},
+    )
     d = allowed(BARE_API, app)
     assert d.upstream_headers == (
         ("x-user-id", "oid-1"),
         ("x-tenant-id", "tid-1"),
         ("x-client-id", "azp-1"),
         ("x-token-kind", "app"),
+        ("x-actor-kind", "agent"),
     )
     assert d.remove_headers == ("x-roles", "x-scopes", "x-user-email", *OVERRIDES, "authorization")
 
@@ -417,6 +437,7 @@ def test_deny_metadata_names_the_principal_when_known() -> None:
         "oid": "oid-1",
         "tid": "tid-1",
         "azp": "azp-1",
+        "actor": "human",
     }
     assert d.principal is not None
 

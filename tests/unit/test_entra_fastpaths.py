@@ -23,7 +23,7 @@ import pytest
 from authz.identity import entra
 from authz.identity.entra import TokenVerifier
 from authz.policy.errors import Code, Unauthenticated
-from authz.policy.model import Principal, TokenKind
+from authz.policy.model import Actor, Principal, TokenKind
 
 # ------------------------------------------------------------------------------------ base64url
 
@@ -219,6 +219,9 @@ def _principal_args() -> tuple[Any, ...]:
         "uti",
         "user",
         MappingProxyType({"tid": "tid"}),
+        Actor.AGENT,
+        True,
+        "x5t",
     )
 
 

@@ -72,6 +72,7 @@ def test_line_is_json_with_every_field_and_never_the_query() -> None:
             "oid": "o-1",
             "azp": "c-1",
             "uti": "uti-1",
+            "actor": "human",
             "latency_us": 42.1,
         }
     ]

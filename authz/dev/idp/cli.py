@@ -62,6 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     m.add_argument("--client-id", default=None, help="azp / appid")
     m.add_argument("--app", action="store_true", help="app-only token (client credentials)")
     m.add_argument("--v1", action="store_true", help="v1.0 token (sts.windows.net-style iss)")
+    m.add_argument(
+        "--agent",
+        choices=("autonomous", "agent-user", "on-behalf-of"),
+        default=None,
+        help="an Entra Agent ID token (autonomous implies --app); docs/token-kinds.md",
+    )
+    m.add_argument(
+        "--cnf-x5t",
+        default=None,
+        metavar="THUMBPRINT",
+        help="bind the token to a client certificate (RFC 8705 cnf x5t#S256)",
+    )
     m.add_argument("--lifetime", type=int, default=None, help="seconds (default 3600)")
     m.add_argument("--claims", action="store_true", help="also print the claims to stderr")
     m.set_defaults(func=cmd_mint)
@@ -149,8 +161,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_mint(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"tid": args.tenant}
-    if args.app:
+    if args.app or args.agent == "autonomous":
         body["kind"] = "app"
+    if args.agent is not None:
+        body["agent"] = args.agent
+    if args.cnf_x5t is not None:
+        body["cnf_x5t"] = args.cnf_x5t
     if args.v1:
         body["version"] = "1.0"
     if args.aud is not None:

@@ -109,6 +109,8 @@ _MINT_PARAMS: Final = frozenset(
         "remove",
         "header_extra",
         "header_remove",
+        "agent",
+        "cnf_x5t",
     }
 )
 
@@ -236,8 +238,13 @@ class DevIdP:
         remove: Iterable[str] = (),
         header_extra: Mapping[str, Any] | None = None,
         header_remove: Iterable[str] = (),
+        agent: str | None = None,
+        cnf_x5t: str | None = None,
     ) -> str:
         """A signed access token shaped like Entra's.
+
+        ``agent`` ("autonomous" with ``kind="app"``; "agent-user" or "on-behalf-of" with
+        ``kind="user"``) mints an Entra Agent ID token; ``cnf_x5t`` a certificate-bound one.
 
         Defaults: user tokens get ``scp="Orders.Read"`` and no ``roles``; app tokens get
         ``roles=["Orders.Read.All"]``, no ``scp``, ``idtyp="app"`` and ``sub == oid``. Pass
@@ -269,6 +276,8 @@ class DevIdP:
             username=self._username(tid),
             extra=extra,
             remove=remove,
+            agent=agent,
+            cnf_x5t=cnf_x5t,
         )
         header = build_header(
             kid=key.kid, version=version, header_extra=header_extra, header_remove=header_remove
@@ -583,7 +592,7 @@ def _mint_kwargs(body: bytes) -> dict[str, Any]:
     for name in ("lifetime", "nbf_offset", "iat_offset"):
         if name in doc and (not isinstance(doc[name], int) or isinstance(doc[name], bool)):
             raise _BadRequest(f"{name} must be an integer")
-    for name in ("tid", "version", "aud", "kind", "client_id"):
+    for name in ("tid", "version", "aud", "kind", "client_id", "agent", "cnf_x5t"):
         if name in doc and not isinstance(doc[name], str):
             raise _BadRequest(f"{name} must be a string")
     for name in ("remove", "header_remove"):

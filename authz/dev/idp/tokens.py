@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from authz.dev.idp.keys import b64url
 
 __all__ = [
+    "AGENT_KINDS",
+    "DEFAULT_AGENT_BLUEPRINT",
     "DEFAULT_APP_ROLES",
     "DEFAULT_AUD",
     "DEFAULT_CLIENT_ID",
@@ -44,6 +46,20 @@ DEFAULT_USER_SCOPE: Final = "Orders.Read"
 DEFAULT_APP_ROLES: Final = ("Orders.Read.All",)
 
 Kind = Literal["user", "app"]
+
+# Entra Agent ID tokens (docs/token-kinds.md): how each kind of agent token is shaped. The
+# blueprint id and facets follow Microsoft's sample ("agent token claims"); facets 11 (agent
+# identity) and 13 (agent user) are the documented markers, 3 and 9 are copied from the sample.
+DEFAULT_AGENT_BLUEPRINT: Final = "30cf4c22-9985-4ef7-8756-91cc888176bd"
+AGENT_KINDS: Final = ("autonomous", "agent-user", "on-behalf-of")
+_AGENT_FACETS: Final = {
+    # an agent acting on its own: an app-only token (kind "app")
+    "autonomous": {"xms_act_fct": "3 9 11", "xms_sub_fct": "9 3 11"},
+    # an agent through its own user account: a user token, idtyp "user"
+    "agent-user": {"idtyp": "user", "xms_act_fct": "11", "xms_sub_fct": "13"},
+    # an agent acting for a person (delegated): the person is the subject
+    "on-behalf-of": {"xms_act_fct": "11"},
+}
 
 
 class Unset(enum.Enum):
@@ -91,11 +107,21 @@ def build_claims(
     username: str,
     extra: Mapping[str, Any] | None,
     remove: Iterable[str],
+    agent: str | None = None,
+    cnf_x5t: str | None = None,
 ) -> dict[str, Any]:
     """Claims as Entra issues them for ``version`` ("1.0" or "2.0") and ``kind`` ("user"/"app").
 
-    ``extra`` is applied after the defaults (override or add anything); ``remove`` last.
+    ``agent`` (one of ``AGENT_KINDS``) adds Agent ID's claims: ``xms_par_app_azp`` and the facets;
+    "autonomous" needs ``kind="app"``, the others ``kind="user"``. ``cnf_x5t`` binds the token to
+    a certificate (RFC 8705: ``cnf = {"x5t#S256": cnf_x5t}``). ``extra`` is applied after the
+    defaults (override or add anything); ``remove`` last.
     """
+    if agent is not None:
+        if agent not in AGENT_KINDS:
+            raise ValueError(f"agent must be one of {AGENT_KINDS}, not {agent!r}")
+        if (agent == "autonomous") != (kind == "app"):
+            raise ValueError("an autonomous agent token is app-only; the other kinds are 'user'")
     if version not in ("1.0", "2.0"):
         raise ValueError(f"version must be '1.0' or '2.0', not {version!r}")
     if kind not in ("user", "app"):
@@ -145,6 +171,11 @@ def build_claims(
         claims["upn"] = username
     claims["uti"] = _opaque(16)
     claims["ver"] = version
+    if agent is not None:
+        claims["xms_par_app_azp"] = DEFAULT_AGENT_BLUEPRINT
+        claims.update(_AGENT_FACETS[agent])
+    if cnf_x5t is not None:
+        claims["cnf"] = {"x5t#S256": cnf_x5t}
     if extra:
         claims.update(extra)
     for name in remove:
