@@ -85,16 +85,25 @@ def _decision_word(d: Decision) -> str:
 class CheckTracer:
     """A tracer provider of our own (never the process-global one) and the check wrappers.
 
-    ``exporter`` (tests: an ``InMemorySpanExporter``) is exported synchronously; without it the
-    configured OTLP exporter runs behind a ``BatchSpanProcessor`` (a background thread)."""
+    Without ``exporter``, the configured OTLP exporter runs behind a ``BatchSpanProcessor`` (a
+    background thread; a full queue drops spans, never blocks a check). A given ``exporter``
+    (tests: an ``InMemorySpanExporter``) is called synchronously unless ``batched``."""
 
-    def __init__(self, settings: TracingSettings, *, exporter: SpanExporter | None = None) -> None:
+    def __init__(
+        self,
+        settings: TracingSettings,
+        *,
+        exporter: SpanExporter | None = None,
+        batched: bool = False,
+    ) -> None:
         self.provider = TracerProvider(
             resource=Resource.create({"service.name": settings.service_name}),
             sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
         )
         if exporter is None:
             self.provider.add_span_processor(BatchSpanProcessor(otlp_exporter(settings)))
+        elif batched:
+            self.provider.add_span_processor(BatchSpanProcessor(exporter))
         else:
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         self._tracer = self.provider.get_tracer("authz")

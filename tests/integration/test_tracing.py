@@ -24,6 +24,7 @@ from authz._proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_
 from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
 from authz.dev.stack import stack_config
 from authz.observability import AuditLog, Metrics
+from authz.policy.model import Decision, RequestAttrs
 from authz.server.app import App
 from authz.server.tracing import GRPC_SPAN, HTTP_SPAN, CheckTracer
 from authz.service import Service
@@ -119,15 +120,18 @@ async def test_span_is_the_child_of_the_forwarded_traceparent(
     for span in spans:
         assert span.name == (GRPC_SPAN if transport == "grpc" else HTTP_SPAN)
         assert span.kind is SpanKind.SERVER
-        assert span.context is not None and span.parent is not None
+        assert span.context is not None
+        assert span.parent is not None
         assert f"{span.context.trace_id:032x}" == TRACE_ID
         assert f"{span.parent.span_id:016x}" == PARENT_ID
         assert span.parent.is_remote
         assert f"{span.context.span_id:016x}" != PARENT_ID
         assert span.resource.attributes["service.name"] == "entra-authz"
-        assert span.start_time is not None and span.end_time is not None
+        assert span.start_time is not None
+        assert span.end_time is not None
         assert span.start_time <= span.end_time
-    assert allow.context is not None and allow.context.trace_state.get("vendor") == "abc"
+    assert allow.context is not None
+    assert allow.context.trace_state.get("vendor") == "abc"
     assert dict(allow.attributes or {}) | {"authz.decision_id": "-"} == {
         **(
             {"rpc.system": "grpc", "rpc.service": "envoy.service.auth.v3.Authorization"}
@@ -189,7 +193,32 @@ def test_tracing_settings_are_parsed(tmp_path: Path) -> None:
     )
     s = config_mod.parse(text, env={}).tracing
     assert (s.enabled, s.service_name, s.sample_ratio) == (True, "authz-edge", 0.25)
-    assert (s.otlp_endpoint, s.otlp_protocol) == ("http://127.0.0.1:4318/v1/traces", "http/protobuf")
+    assert s.otlp_endpoint == "http://127.0.0.1:4318/v1/traces"
+    assert s.otlp_protocol == "http/protobuf"
     bad = stack_config("http://127.0.0.1:1") + "tracing:\n  otlp: {endpoint: 'http://u:p@h:1'}\n"
     with pytest.raises(config_mod.ConfigError, match=r"tracing\.otlp\.endpoint"):
         config_mod.parse(bad, env={})
+
+
+async def test_a_failing_check_is_an_error_span_and_still_raises() -> None:
+    exporter = InMemorySpanExporter()
+    tracer = CheckTracer(config_mod.TracingSettings(enabled=True), exporter=exporter)
+    attrs = RequestAttrs(method="GET", path="/x", headers={"traceparent": TRACEPARENT})
+
+    async def broken(_: RequestAttrs) -> Decision:
+        raise RuntimeError("token=abc")  # the message is never recorded
+
+    def needs_io(_: RequestAttrs) -> Decision | None:
+        return None
+
+    with pytest.raises(RuntimeError):
+        await tracer.wrap(broken, grpc=True)(attrs)
+    assert tracer.wrap_now(needs_io)(attrs) is None  # no decision yet: no span
+    (span,) = exporter.get_finished_spans()
+    assert span.name == GRPC_SPAN
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "RuntimeError"
+    assert (span.attributes or {})["authz.code"] == "internal_error"
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == PARENT_ID
+    tracer.shutdown()
