@@ -1,4 +1,4 @@
-"""The ``authz`` command: serve, check-config, explain, revoke, dev-idp, echo, demo.
+"""The ``authz`` command: serve, check-config, explain, revoke, import-apim, dev-idp, echo, demo.
 
 This module parses arguments and calls: ``serve`` runs ``authz.server.lifecycle.serve``. The dev
 tools (``dev-idp``, ``echo``, ``demo``) are imported only when one of them is the command.
@@ -182,6 +182,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     from authz import revocation_cli  # noqa: PLC0415
 
     revocation_cli.register(sub)
+
+    from authz import apim_import  # noqa: PLC0415
+
+    apim_import.register(sub)
 
     if _command(argv) in DEV_COMMANDS:
         from authz.dev.idp import cli as devidp_cli  # noqa: PLC0415
