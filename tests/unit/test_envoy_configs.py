@@ -322,6 +322,8 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
         "x-authz-oid",
         "x-authz-tid",
         "x-authz-azp",
+        "x-authz-cache-ttl-seconds",
+        "x-authz-cache-control",
     }
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
     assert {"www-authenticate", "retry-after", "ratelimit", "ratelimit-policy"} <= client
