@@ -21,6 +21,9 @@ Outcomes (``ImportResult``/``ImportRefused``):
 The policy file is operator input but is parsed as untrusted XML: ``defusedxml`` forbids DTDs,
 entity declarations and external references (a billion-laughs file is refused, not expanded).
 
+Size: one translation table per APIM element (validation, claims, issuers, limits) and the
+refusal rules beside the element they guard; splitting them would scatter the safety argument.
+
 Must not import grpc, prometheus, asyncio or network libraries; it reads one file and prints.
 """
 
