@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import io
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import grpc
 import httpx
 import prometheus_client as prom
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -222,3 +226,79 @@ async def test_a_failing_check_is_an_error_span_and_still_raises() -> None:
     assert span.parent is not None
     assert f"{span.parent.span_id:016x}" == PARENT_ID
     tracer.shutdown()
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """A stand-in OTLP/HTTP collector on 127.0.0.1: keeps every POSTed export request."""
+
+    received: ClassVar[list[tuple[str, str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", "0")))
+        self.received.append((self.path, self.headers.get("content-type", ""), body))
+        self.send_response(200)
+        self.send_header("content-type", "application/x-protobuf")
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+async def test_the_configured_otlp_exporter_is_used(
+    tmp_path: Path, idp: DevIdP, protocol: str
+) -> None:
+    """Tracing enabled in the config: the app builds its own tracer and exporter; over
+    http/protobuf the spans reach a real (local) collector when the app stops."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Collector.received.clear()
+    port = server.server_address[1]
+    endpoint = f"http://127.0.0.1:{port}/v1/traces" if protocol == "http/protobuf" else ""
+    path = tmp_path / "authz.yaml"
+    path.write_text(
+        stack_config(idp.base_url)
+        + "tracing:\n  enabled: true\n"
+        + f"  otlp: {{endpoint: '{endpoint}', protocol: {protocol}, timeout_seconds: 1}}\n"
+    )
+    settings = config_mod.load(path)
+    service = Service(
+        settings, metrics=Metrics(prom.CollectorRegistry()), audit=AuditLog(io.StringIO())
+    )
+    app = App(
+        service,
+        metrics_body=lambda: (b"", "text/plain"),
+        grpc_listen="",
+        http_listen="127.0.0.1:0",
+        admin_listen="",
+    )
+    try:
+        assert app._tracer is not None
+        exporter = app._tracer.provider._active_span_processor._span_processors[0].span_exporter  # type: ignore[attr-defined]
+        assert type(exporter).__module__.startswith(
+            "opentelemetry.exporter.otlp.proto." + ("http" if protocol != "grpc" else "grpc")
+        )
+        if protocol == "grpc":
+            return  # built; no collector here to export to
+        await app.start()
+        async with httpx.AsyncClient(trust_env=False) as c:
+            r = await c.get(
+                f"http://127.0.0.1:{app.http_port}/orders/healthz",
+                headers={"traceparent": TRACEPARENT},
+            )
+        assert r.status_code == 200
+        await app.stop()  # flushes the batch
+        assert len(_Collector.received) == 1
+        (url, ctype, body) = _Collector.received[0]
+        assert (url, ctype) == ("/v1/traces", "application/x-protobuf")
+        export = ExportTraceServiceRequest.FromString(body)
+        (span,) = export.resource_spans[0].scope_spans[0].spans
+        assert span.name == HTTP_SPAN
+        assert span.trace_id.hex() == TRACE_ID
+        assert span.parent_span_id.hex() == PARENT_ID
+    finally:
+        await app.stop()
+        server.shutdown()
+        server.server_close()
