@@ -597,11 +597,9 @@ def translate(
 # ------------------------------------------------------------------------------------- CLI
 
 
-def register(sub: Any) -> None:
+def register(sub: Any, help_text: str) -> None:
     """Add ``import-apim`` to the ``authz`` command's subparsers."""
-    p = sub.add_parser(
-        "import-apim", help="translate an Azure API Management policy into a config (stdout)"
-    )
+    p = sub.add_parser("import-apim", help=help_text)
     p.add_argument("policy", help="the policy XML file (API scope)")
     p.add_argument("--api", default="imported", help="the API's name (default: imported)")
     p.add_argument("--path-prefix", default="/", help="the API's base path (default: /)")
