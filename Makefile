@@ -28,7 +28,7 @@ lock: $(BIN)/python
 	test -x $(LOCK_TOOLS)/bin/pip-compile || \
 	  { $(PY) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools; }
 	$(LOCK_TOOLS)/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --extra test --extra demo -o requirements.lock pyproject.toml
+	  --extra test --extra demo --extra otel -o requirements.lock pyproject.toml
 
 # wrk (benchmarks) comes from Debian; install it when missing and we are allowed to.
 system-deps:

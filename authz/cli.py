@@ -1,4 +1,4 @@
-"""The ``authz`` command: serve, check-config, explain, revoke, dev-idp, echo, demo.
+"""The ``authz`` command: serve, check-config, explain, revoke, import-apim, dev-idp, echo, demo.
 
 This module parses arguments and calls: ``serve`` runs ``authz.server.lifecycle.serve``. The dev
 tools (``dev-idp``, ``echo``, ``demo``) are imported only when one of them is the command.
@@ -186,6 +186,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     revocation_cli.register(sub)
 
+    if _command(argv) == "import-apim":  # its XML parser is loaded for this command only
+        from authz import apim_import  # noqa: PLC0415
+
+        apim_import.register(sub, IMPORT_APIM_HELP)
+    else:
+        sub.add_parser("import-apim", help=IMPORT_APIM_HELP, add_help=False)
+
     if _command(argv) in DEV_COMMANDS:
         from authz.dev.idp import cli as devidp_cli  # noqa: PLC0415  (lazy: keeps dev tools out of serve)
 
@@ -195,6 +202,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             sub.add_parser(name, help=summary, add_help=False)
     return p
 
+
+IMPORT_APIM_HELP = "translate an Azure API Management policy into a config (stdout)"
 
 # The dev tools' commands (``authz.dev.idp.cli`` defines their arguments). Their parsers are built
 # only when one of them is the command, so ``serve`` never loads the dev IdP (tests/integration/

@@ -22,6 +22,7 @@ Must not import grpc, prometheus, asyncio or network libraries.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import reprlib
@@ -205,6 +206,27 @@ class RevocationSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingSettings:
+    """OpenTelemetry spans per check (``tracing:``; docs/tracing.md). Off by default; ``enabled``
+    needs the ``[otel]`` extra installed (checked when the config loads)."""
+
+    enabled: bool = False
+    service_name: str = "entra-authz"
+    sample_ratio: float = 1.0  # of traces without a sampled parent (ParentBased(TraceIdRatio))
+    otlp_endpoint: str = ""  # "" = the exporter's default (OTEL_EXPORTER_OTLP_* environment)
+    otlp_protocol: str = "grpc"  # grpc | http/protobuf
+    otlp_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyCacheSettings:
+    """Hints for a response cache in Envoy (``envoy_cache:``; docs/envoy-cache.md). ``max_ttl_s``
+    0 = no hints: a cache that sees no ``cache_ttl_seconds`` must not store the answer."""
+
+    max_ttl_s: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings
     tokens: TokenSettings
@@ -216,6 +238,8 @@ class Settings:
     warnings: tuple[str, ...] = ()
     redis: RedisSettings = RedisSettings()
     revocation: RevocationSettings = RevocationSettings()
+    tracing: TracingSettings = TracingSettings()
+    envoy_cache: EnvoyCacheSettings = EnvoyCacheSettings()
 
     def issuer(self, name: str) -> IssuerSpec:
         for spec in self.issuers:
@@ -570,6 +594,38 @@ class _Revocation(_Model):
     redis_poll_interval_seconds: float = Field(default=0.2, ge=0.05, le=5)
 
 
+class _Otlp(_Model):
+    endpoint: StrictStr = ""
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if v and not re.match(r"^https?://[^/?#\s@]+(/[^?#\s]*)?$", v):
+            raise ValueError(f"expected an http(s)://host:port URL without credentials: {short(v)}")
+        return v
+
+
+class _Tracing(_Model):
+    enabled: bool = False
+    service_name: StrictStr = Field(default="entra-authz", min_length=1, max_length=128)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    otlp: _Otlp = Field(default_factory=_Otlp)
+
+    @field_validator("enabled")
+    @classmethod
+    def _installed(cls, v: bool) -> bool:
+        if v and importlib.util.find_spec("opentelemetry.sdk") is None:
+            raise ValueError("needs the [otel] extra: pip install 'entra-authz[otel]'")
+        return v
+
+
+class _EnvoyCache(_Model):
+    # At most 1 h: a reload that makes a route stricter reaches every cached allow within it.
+    max_ttl_seconds: int = Field(default=0, ge=0, le=3600)
+
+
 class _Root(_Model):
     server: _Server = Field(default_factory=_Server)
     tokens: _Tokens = Field(default_factory=_Tokens)
@@ -580,6 +636,8 @@ class _Root(_Model):
     redis: _Redis = Field(default_factory=_Redis)
     apis: list[_Api] = Field(min_length=1)
     revocation: _Revocation = Field(default_factory=_Revocation)
+    tracing: _Tracing = Field(default_factory=_Tracing)
+    envoy_cache: _EnvoyCache = Field(default_factory=_EnvoyCache)
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -1010,6 +1068,19 @@ def from_mapping(
             sync_interval_s=r.sync_interval_seconds,
         ),
         revocation=revocation,
+        tracing=_tracing(root.tracing),
+        envoy_cache=EnvoyCacheSettings(max_ttl_s=root.envoy_cache.max_ttl_seconds),
+    )
+
+
+def _tracing(m: _Tracing) -> TracingSettings:
+    return TracingSettings(
+        enabled=m.enabled,
+        service_name=m.service_name,
+        sample_ratio=m.sample_ratio,
+        otlp_endpoint=m.otlp.endpoint,
+        otlp_protocol=m.otlp.protocol,
+        otlp_timeout_s=m.otlp.timeout_seconds,
     )
 
 

@@ -123,6 +123,11 @@ class Engine:
         # Rate-limit counters outlive the engine (a reload keeps them): the service passes its own.
         limiter = RateLimiter(settings.apis, counters if counters is not None else Counters())
         self.limiter: RateLimiter | None = limiter if limiter.active else None
+        # Envoy response-cache hints (docs/envoy-cache.md): 0 = none. With any revocation source
+        # a rule may arrive at any moment, so no allow is cacheable.
+        self._cache_max_ttl = settings.envoy_cache.max_ttl_s
+        r = settings.revocation
+        self._cache_never = bool(r.file or r.redis or r.admin_api.enabled)
 
     def check(self, attrs: RequestAttrs) -> Decision:
         """Decide one request. Raises only on bugs; the transport turns those into a 503."""
@@ -166,9 +171,12 @@ class Engine:
             return self._allow_limited(decision_id, attrs, plan, route, principal)
         except Denial as denial:
             if mode is Mode.DRY_RUN and plan is not None and denial.code not in _ALWAYS_ENFORCED:
-                return plan.responses.allow(
+                allowed = plan.responses.allow(
                     decision_id=decision_id, route=route, principal=principal, would_deny=denial
                 )
+                if self._cache_max_ttl:  # a dry-run report must reach us every time: no-store
+                    return self._cache_hints(allowed, plan.api, route, principal)
+                return allowed
             responses = plan.responses if plan is not None else self._no_api
             decision = responses.deny(
                 denial,
@@ -213,9 +221,29 @@ class Engine:
         )
         if over is not None and not over.dry_run:
             raise over
-        return plan.responses.allow(
+        decision = plan.responses.allow(
             decision_id=decision_id, route=route, principal=principal, would_deny=over
         )
+        if self._cache_max_ttl:
+            return self._cache_hints(decision, plan.api, route, principal)
+        return decision
+
+    def _cache_hints(
+        self, d: Decision, api: ApiSpec, route: Route | None, principal: Principal | None
+    ) -> Decision:
+        """An allow with ``cache_ttl_seconds`` and ``cache_control``: how long a response cache
+        in Envoy may reuse it for the same token and request, never past the token's ``exp``;
+        0 / ``no-store`` when a cached allow would be wrong (counted rate limits, revocation,
+        dry-run reporting)."""
+        ttl = self._cache_max_ttl
+        if principal is not None:
+            ttl = min(ttl, int(principal.expires_at - self._clock()))
+        limited = api.rate_limits or (route is not None and route.rate_limits)
+        if self._cache_never or limited or d.would_deny or ttl <= 0:
+            hints = {"cache_ttl_seconds": "0", "cache_control": "no-store"}
+        else:
+            hints = {"cache_ttl_seconds": str(ttl), "cache_control": f"private, max-age={ttl}"}
+        return dataclasses.replace(d, metadata=MappingProxyType({**d.metadata, **hints}))
 
 
 class _NoRevocations:

@@ -18,15 +18,20 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from authz.policy.model import Decision, RequestAttrs
 from authz.server import servicer as servicer_mod
 from authz.server.admin_api import AdminRequest, AdminResponse, RevocationApi
 from authz.server.http import HttpCheckServer, HttpLimits
 from authz.server.ports import split_listen
 from authz.service import Service
+
+if TYPE_CHECKING:
+    from authz.server.tracing import CheckTracer
 
 log = logging.getLogger("authz.app")
 
@@ -189,8 +194,15 @@ class App:
         watch_interval_s: float = 2.0,
         grpc_extra_listens: Sequence[str] = (),
         http_extra_listens: Sequence[str] = (),
+        tracer: CheckTracer | None = None,
     ) -> None:
         s = service.settings.server
+        # Tracing (docs/tracing.md) wraps the check functions once, here: off costs nothing.
+        if tracer is None and service.settings.tracing.enabled:
+            from authz.server.tracing import CheckTracer  # noqa: PLC0415 - the [otel] extra
+
+            tracer = CheckTracer(service.settings.tracing)
+        self._tracer = tracer
         self.service = service
         self.grpc_listen = s.grpc_listen if grpc_listen is None else grpc_listen
         self.http_listen = s.http_listen if http_listen is None else http_listen
@@ -227,7 +239,7 @@ class App:
             options = [("grpc.so_reuseport", 1 if self.reuse_port else 0)]
             self._grpc = grpc.aio.server(options=options)
             servicer_mod.add_to_server(
-                servicer_mod.AuthorizationServicer(self.service.check, on_error=self._on_error),
+                servicer_mod.AuthorizationServicer(self._check(grpc=True), on_error=self._on_error),
                 self._grpc,
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
@@ -257,12 +269,18 @@ class App:
         )
 
     def _http_server(self) -> HttpCheckServer:
+        tracer = self._tracer
+        check_now = self.service.check_now
         return HttpCheckServer(
-            self.service.check,
+            self._check(grpc=False),
             on_error=self._on_error,
-            check_now=self.service.check_now,
+            check_now=check_now if tracer is None else tracer.wrap_now(check_now),
             limits=HttpLimits.for_token(self.service.settings.tokens.max_token_bytes),
         )
+
+    def _check(self, *, grpc: bool) -> Callable[[RequestAttrs], Awaitable[Decision]]:
+        check = self.service.check
+        return check if self._tracer is None else self._tracer.wrap(check, grpc=grpc)
 
     def _on_error(self, exc: BaseException) -> None:
         log.error("transport error turned into internal_error deny: %r", exc)
@@ -347,6 +365,8 @@ class App:
         self.service.housekeeping()
         await self.service.close()
         await self._admin.close()
+        if self._tracer is not None:
+            await asyncio.to_thread(self._tracer.shutdown)  # flushes queued spans
         self._remove_signal_handlers()
         log.info("stopped")
 

@@ -358,11 +358,14 @@ def test_http_protocol_overwrites_contract_headers_and_reads_decision_headers() 
         "x-authz-tid",
         "x-authz-azp",
         "x-authz-actor",
+        "x-authz-cache-ttl-seconds",
+        "x-authz-cache-control",
     }
     client = {p["exact"] for p in response["allowed_client_headers"]["patterns"]}
     assert {"www-authenticate", "retry-after", "ratelimit", "ratelimit-policy"} <= client
     sent = {p["exact"] for p in f["allowed_headers"]["patterns"]}
-    assert sent == {"authorization", "x-request-id"}
+    # traceparent/tracestate: the parent of authz's span (docs/tracing.md)
+    assert sent == {"authorization", "x-request-id", "traceparent", "tracestate"}
     # only Envoy sets the client address for `ip` rate limits (a client's copy is not forwarded)
     request = f["http_service"]["authorization_request"]
     assert request == {
