@@ -29,10 +29,10 @@ from typing import Any
 
 import httpx
 
-from authz.dev.stack import wait_until
+from authz.dev.stack import free_port, wait_until
 from authz.server.ports import envoy_endpoints
 from bench import wrk
-from bench.__main__ import HERE, PATH, RESULTS, Lab, Proc, _free_block, run_mode
+from bench.__main__ import HERE, RESULTS, Lab, Proc, _connects, _free_block, run_mode
 
 REPO = HERE.parent
 
@@ -82,19 +82,36 @@ def serve(lab: Lab, name: str, tree: Path) -> Proc:
     return proc
 
 
+def floor(lab: Lab, transport: str, variant: str = "") -> Proc:
+    """A do-nothing server (``bench/floor_*.py``), optionally one of the gRPC floor variants."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        f"bench.floor_{transport}",
+        str(port),
+        *([variant] * bool(variant)),
+    ]
+    proc = lab.spawn(f"floor-{transport}-{variant}", cmd)
+    proc.ports[transport] = port
+    wait_until(lambda: _connects(port), 15, f"{transport} floor {variant}", proc.popen)
+    return proc
+
+
 def _targets(
-    procs: dict[str, Proc], floors: dict[str, Proc]
+    procs: dict[str, Proc], floors: dict[str, Proc], transports: list[str]
 ) -> list[tuple[str, str, str, list[Proc]]]:
     """(label, envoy template, endpoints, measured processes) for one round, in order."""
     out = []
-    for transport in ("http", "grpc"):
+    for transport in transports:
         for side in ("A", "B"):
             p = procs[side]
             ep = envoy_endpoints([p.ports[transport]])
             out.append((f"{side} {transport}", f"envoy-ext-{transport}.yaml", ep, [p]))
-    for transport, f in floors.items():
+    for label, f in floors.items():
+        transport = label.split()[1]
         ep = envoy_endpoints([f.ports[transport]])
-        out.append((f"floor {transport}", f"envoy-ext-{transport}.yaml", ep, [f]))
+        out.append((label, f"envoy-ext-{transport}.yaml", ep, [f]))
     return out
 
 
@@ -115,10 +132,12 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], max_steal: float) -> dict
             "p99_ms": statistics.median(t["p99_ms"] for t in rows),
             "non_2xx": sum(t["non_2xx"] for t in rows),
         }
+    labels = kept[0]
     pairs = [(f"B/A {t}", f"B {t}", f"A {t}") for t in ("http", "grpc")]
     pairs += [(f"{s}/floor grpc", f"{s} grpc", "floor grpc") for s in ("A", "B")]
-    if "floor http" in kept[0]:
-        pairs += [(f"{s}/floor http", f"{s} http", "floor http") for s in ("A", "B")]
+    pairs += [(f"{s}/floor http", f"{s} http", "floor http") for s in ("A", "B")]
+    pairs += [(f"{v}/floor grpc", v, "floor grpc") for v in labels if v.startswith("floor grpc ")]
+    pairs = [(n, a, b) for n, a, b in pairs if a in labels and b in labels]
     for name, num, den in pairs:
         ratios = [r[num]["authz_us"] / r[den]["authz_us"] for r in kept if r[den]["authz_us"]]
         if ratios:
@@ -162,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run (5)")
     p.add_argument("--max-steal", type=float, default=5.0, help="discard rounds above (5 %%)")
     p.add_argument("--http-floor", action="store_true", help="also the constant-allow HTTP server")
+    p.add_argument(
+        "--grpc-floors",
+        default="",
+        help="also these do-nothing gRPC variants (comma-separated: generic, sync, sync-generic,"
+        " throughput, streams; see bench/floor_grpc.py)",
+    )
+    p.add_argument("--transports", default="http,grpc", help="A/B over these (http,grpc)")
     p.add_argument("--cache-max", type=int, default=5000, help="claims cache entries (5000)")
     args = p.parse_args(argv)
     wrk.wrk_binary()
@@ -182,14 +208,17 @@ def main(argv: list[str] | None = None) -> int:
         trees["B"] = unpack(args.new, workdir / "B") if args.new else REPO
         with Lab(workdir, cache_max=args.cache_max) as lab:
             procs = {side: serve(lab, f"authz-{side}", tree) for side, tree in trees.items()}
-            floors = {"grpc": lab.floor("grpc")}
+            floors = {"floor grpc": floor(lab, "grpc")}
             if args.http_floor:
-                floors["http"] = lab.floor("http")
+                floors["floor http"] = floor(lab, "http")
+            for variant in filter(None, args.grpc_floors.split(",")):
+                floors[f"floor grpc {variant}"] = floor(lab, "grpc", variant)
+            transports = args.transports.split(",")
             one = argparse.Namespace(rounds=1, duration=args.duration)
             for i in range(args.rounds):
                 print(f"round {i + 1}/{args.rounds}", flush=True)
                 row: dict[str, dict[str, Any]] = {}
-                for label, template, ep, measured in _targets(procs, floors):
+                for label, template, ep, measured in _targets(procs, floors, transports):
                     values = {"AUTHZ_ENDPOINTS": ep}
                     row[label] = run_mode(lab, label, template, values, measured, one, fixed=False)
                 res["rounds"].append(row)
