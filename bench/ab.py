@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from authz.dev.idp import CONTOSO
 from authz.dev.stack import free_port, wait_until
 from authz.server.ports import envoy_endpoints
 from bench import wrk
@@ -99,7 +100,10 @@ def floor(lab: Lab, transport: str, variant: str = "") -> Proc:
 
 
 def _targets(
-    procs: dict[str, Proc], floors: dict[str, Proc], transports: list[str]
+    procs: dict[str, Proc],
+    floors: dict[str, Proc],
+    transports: list[str],
+    natives: dict[str, str],
 ) -> list[tuple[str, str, str, list[Proc]]]:
     """(label, envoy template, endpoints, measured processes) for one round, in order."""
     out = []
@@ -108,6 +112,8 @@ def _targets(
             p = procs[side]
             ep = envoy_endpoints([p.ports[transport]])
             out.append((f"{side} {transport}", f"envoy-ext-{transport}.yaml", ep, [p]))
+    for label, template in natives.items():
+        out.append((label, template, "", []))
     for label, f in floors.items():
         transport = label.split()[1]
         ep = envoy_endpoints([f.ports[transport]])
@@ -123,7 +129,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], max_steal: float) -> dict
         return out
     for label in kept[0]:
         rows = [r[label] for r in kept]
-        us = [t["authz_us"] for t in rows]
+        us = [t["authz_us"] or 0.0 for t in rows]
         out["targets"][label] = {
             "authz_us": statistics.median(us),
             "authz_us_range": (min(us), max(us)),
@@ -187,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also these do-nothing gRPC variants (comma-separated: generic, sync, sync-generic,"
         " throughput, streams; see bench/floor_grpc.py)",
     )
+    p.add_argument(
+        "--native",
+        action="store_true",
+        help="also Envoy alone: no auth, and native jwt_authn + RBAC (Envoy's CPU for sizing)",
+    )
     p.add_argument("--transports", default="http,grpc", help="A/B over these (http,grpc)")
     p.add_argument("--cache-max", type=int, default=5000, help="claims cache entries (5000)")
     args = p.parse_args(argv)
@@ -214,12 +225,20 @@ def main(argv: list[str] | None = None) -> int:
             for variant in filter(None, args.grpc_floors.split(",")):
                 floors[f"floor grpc {variant}"] = floor(lab, "grpc", variant)
             transports = args.transports.split(",")
+            natives = {}
+            if args.native:
+                natives = {"no auth": "envoy-noauth.yaml", "native": "envoy-jwt-rbac.yaml"}
             one = argparse.Namespace(rounds=1, duration=args.duration)
+            jwt_values = {
+                "ISSUER": lab.idp.issuer(CONTOSO, "2.0"),
+                "JWKS_FILE": str(lab.jwks_file),
+            }
             for i in range(args.rounds):
                 print(f"round {i + 1}/{args.rounds}", flush=True)
                 row: dict[str, dict[str, Any]] = {}
-                for label, template, ep, measured in _targets(procs, floors, transports):
-                    values = {"AUTHZ_ENDPOINTS": ep}
+                targets = _targets(procs, floors, transports, natives)
+                for label, template, ep, measured in targets:
+                    values = {"AUTHZ_ENDPOINTS": ep} if ep else jwt_values
                     row[label] = run_mode(lab, label, template, values, measured, one, fixed=False)
                 res["rounds"].append(row)
     finally:
