@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                 row: dict[str, dict[str, Any]] = {}
                 targets = _targets(procs, floors, transports, natives)
                 for label, template, ep, measured in targets:
-                    values = {"AUTHZ_ENDPOINTS": ep} if ep else jwt_values
+                    values = {"AUTHZ_ENDPOINTS": ep} if ep else {}
+                    if label == "native":
+                        values = jwt_values
                     row[label] = run_mode(lab, label, template, values, measured, one, fixed=False)
                 res["rounds"].append(row)
     finally:
