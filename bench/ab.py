@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "--grpc-floors",
         default="",
         help="also these do-nothing gRPC variants (comma-separated: generic, sync, sync-generic,"
-        " throughput, streams; see bench/floor_grpc.py)",
+        " throughput, streams, nobdp; see bench/floor_grpc.py)",
     )
     p.add_argument(
         "--native",

@@ -8,7 +8,8 @@ experiments of docs/performance.md ("CPU per check II") instead, still deciding 
 - ``sync``: the synchronous ``grpc.server`` with a 4-thread pool (generated servicer);
 - ``sync-generic``: both;
 - ``throughput``: grpc.aio with ``grpc.optimization_target=throughput``;
-- ``streams``: grpc.aio with ``grpc.max_concurrent_streams=1000`` and BDP probing off.
+- ``streams``: grpc.aio with ``grpc.max_concurrent_streams=1000`` and BDP probing off;
+- ``nobdp``: grpc.aio with BDP probing off (``grpc.http2.bdp_probe=0``) alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SERVICE = "envoy.service.auth.v3.Authorization"
 OPTIONS: dict[str, list[tuple[str, Any]]] = {
     "throughput": [("grpc.optimization_target", "throughput")],
     "streams": [("grpc.max_concurrent_streams", 1000), ("grpc.http2.bdp_probe", 0)],
+    "nobdp": [("grpc.http2.bdp_probe", 0)],
 }
 
 
