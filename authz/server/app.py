@@ -31,10 +31,6 @@ from authz.service import Service
 log = logging.getLogger("authz.app")
 
 SERVICE_NAME = servicer_mod.SERVICE_NAME
-# grpc.aio server options beyond the defaults. No BDP probing: Envoy's checks are small unary
-# calls on a long-lived connection, so flow-control window autotuning (a PING per burst of
-# data) only costs CPU (docs/performance.md, "CPU per check II": floor 0.92x without it).
-GRPC_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.http2.bdp_probe", 0),)
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -227,7 +223,7 @@ class App:
             self.admin_port = await self._admin.start(*split_hostport(self.admin_listen))
         await self._set_health(serving=False)
         if self.grpc_listen:
-            options = [("grpc.so_reuseport", 1 if self.reuse_port else 0), *GRPC_OPTIONS]
+            options = [("grpc.so_reuseport", 1 if self.reuse_port else 0)]
             self._grpc = grpc.aio.server(options=options)
             servicer_mod.add_to_server(
                 servicer_mod.AuthorizationServicer(self.service.check, on_error=self._on_error),
