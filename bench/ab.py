@@ -4,12 +4,13 @@ transports, through real Envoy, in interleaved rounds of one run. See docs/perfo
 A is ``git archive REF`` unpacked in a temp dir and run from there (same venv, same config, same
 Envoy templates, same token); B is this worktree (or ``--new REF``, unpacked the same way). Each
 round runs, in turn, one wrk run (``-c16 -t1``) through a fresh Envoy (``--concurrency 1``) per
-target: A and B over HTTP and gRPC, the do-nothing grpc.aio server (``bench/floor_grpc.py``) and,
-with ``--http-floor``, the constant-allow HTTP server. A noisy neighbour then lands on every
-target of a round alike. Per target: CPU µs per request of our process (utime + stime from
-``/proc/<pid>/stat``), Envoy's, req/s and p99; rounds with CPU steal over ``--max-steal`` % are
-discarded. The summary is the median over kept rounds, and the median of the per-round B/A
-(and B/floor) ratios. Prints markdown; saves JSON under bench/results/. Asserts nothing.
+target: A and B over HTTP and gRPC (A first in odd rounds, B first in even ones), the do-nothing
+grpc.aio server (``bench/floor_grpc.py``) and, with ``--http-floor``, the constant-allow HTTP
+server. A noisy neighbour then lands on every target of a round alike. Per target: CPU µs per
+request of our process (utime + stime from ``/proc/<pid>/stat``), Envoy's, req/s and p99; rounds
+with CPU steal over ``--max-steal`` % are discarded. The summary is the median over kept rounds,
+and the median of the per-round B/A (and B/floor) ratios. Prints markdown; saves JSON under
+bench/results/. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -104,11 +105,14 @@ def _targets(
     floors: dict[str, Proc],
     transports: list[str],
     natives: dict[str, str],
+    sides: tuple[str, str] = ("A", "B"),
 ) -> list[tuple[str, str, str, list[Proc]]]:
-    """(label, envoy template, endpoints, measured processes) for one round, in order."""
+    """(label, envoy template, endpoints, measured processes) for one round, in order: A then B,
+    or B then A (``sides``; the rounds alternate, because whichever runs second in a round was
+    measured ~7 % cheaper in an A/A run on a loaded machine)."""
     out = []
     for transport in transports:
-        for side in ("A", "B"):
+        for side in sides:
             p = procs[side]
             ep = envoy_endpoints([p.ports[transport]])
             out.append((f"{side} {transport}", f"envoy-ext-{transport}.yaml", ep, [p]))
@@ -236,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.rounds):
                 print(f"round {i + 1}/{args.rounds}", flush=True)
                 row: dict[str, dict[str, Any]] = {}
-                targets = _targets(procs, floors, transports, natives)
+                sides = ("A", "B") if i % 2 == 0 else ("B", "A")
+                targets = _targets(procs, floors, transports, natives, sides)
                 for label, template, ep, measured in targets:
                     values = {"AUTHZ_ENDPOINTS": ep} if ep else {}
                     if label == "native":
