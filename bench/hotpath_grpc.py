@@ -23,7 +23,7 @@ from authz import config as config_mod
 from authz._proto.envoy.service.auth.v3 import external_auth_pb2
 from authz.dev.idp import CONTOSO, DevIdP
 from authz.observability import AuditLog, Metrics
-from authz.server.convert import decision_to_response, request_to_attrs
+from authz.server.convert import decision_to_bytes, decision_to_response, request_to_attrs
 from authz.server.servicer import AuthorizationServicer
 from authz.service import Service
 from bench.__main__ import AUTHZ_CONFIG, PATH
@@ -97,13 +97,19 @@ def _stages(service: Service, wire: bytes) -> dict[str, float]:
     assert decision.allowed, "the bench token must be allowed"
     response = decision_to_response(decision)
     return {
-        "whole call (parse, Check, serialise)": best_us(
+        "whole call as served (parse, check_wire)": best_us(
+            lambda: drive(servicer.check_wire(parse(wire), None))
+        ),
+        "whole call, message path (parse, Check, serialise)": best_us(
             lambda: drive(servicer.Check(parse(wire), None)).SerializeToString()
         ),
         "  CheckRequest parse": best_us(lambda: parse(wire)),
         "  request_to_attrs": best_us(lambda: request_to_attrs(request)),
         "  Service.check (decide + metrics + audit)": best_us(lambda: drive(service.check(attrs))),
-        "  decision_to_response": best_us(lambda: decision_to_response(decision)),
+        "  decision_to_bytes (what check_wire sends)": best_us(lambda: decision_to_bytes(decision)),
+        "  decision_to_response (the message path)": best_us(
+            lambda: decision_to_response(decision)
+        ),
         "  CheckResponse serialise": best_us(response.SerializeToString),
     }
 
