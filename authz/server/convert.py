@@ -1,4 +1,5 @@
-"""Protobuf <-> our types: ``CheckRequest`` -> ``RequestAttrs``, ``Decision`` -> ``CheckResponse``.
+"""Protobuf <-> our types: ``CheckRequest`` -> ``RequestAttrs``, ``Decision`` -> ``CheckResponse``
+(or straight to its wire bytes, ``decision_to_bytes``: what the server sends).
 
 The ONLY module that touches generated ``*_pb2`` messages (``servicer`` touches ``*_pb2_grpc``
 alone). Both functions are pure and on the hot path: everything constant (google.rpc statuses,
@@ -135,6 +136,54 @@ def _ok_template(upstream: tuple[tuple[str, str], ...], remove: tuple[str, ...])
     if remove:
         ok.headers_to_remove.extend(remove)
     return template
+
+
+@functools.lru_cache(maxsize=_OK_TEMPLATES_MAX)
+def _ok_wire(upstream: tuple[tuple[str, str], ...], remove: tuple[str, ...]) -> bytes:
+    """``_ok_template`` serialised, once per header set."""
+    return _ok_template(upstream, remove).SerializeToString()
+
+
+def _metadata_wire(items: Iterable[tuple[str, str]]) -> bytes:
+    """A ``CheckResponse`` holding only ``dynamic_metadata`` with these strings, serialised."""
+    resp = CheckResponse()
+    fields = resp.dynamic_metadata.fields
+    for key, value in items:
+        fields[key].string_value = value
+    return resp.SerializeToString()
+
+
+_META_WIRE_MAX = 4096
+_static_metadata_wire = functools.lru_cache(maxsize=_META_WIRE_MAX)(_metadata_wire)
+_ID_KEY = "decision_id"
+_ID_LEN = 32  # new_decision_id(): 128 bits, hex
+# The wire form of {"decision_id": <32 ASCII chars>} is a fixed prefix then the 32 bytes: the
+# prefix (field tags and lengths only) is taken from protobuf's own encoding, once.
+_ID_PROBE = "0" * _ID_LEN
+_ID_PREFIX = _metadata_wire(((_ID_KEY, _ID_PROBE),)).removesuffix(_ID_PROBE.encode("ascii"))
+
+
+def decision_to_bytes(d: Decision) -> bytes:
+    """``decision_to_response(d).SerializeToString()``, parsed by any protobuf reader as the same
+    message, built without a message per check on the common path (an allow).
+
+    Protobuf's wire format merges repeated occurrences of a singular message field (and unions
+    map entries): so an allow is the serialised template of its header set, then its metadata
+    minus the decision id (serialised once per distinct value set), then the decision id (a fixed
+    prefix and the id's 32 bytes). Anything else (a deny, an id of another shape) is built and
+    serialised as a message. The equivalence is tested on every shape (tests/component)."""
+    if not d.allowed:
+        return decision_to_response(d).SerializeToString()
+    head = _ok_wire(d.upstream_headers, d.remove_headers)
+    meta = d.metadata
+    if not meta:
+        return head
+    decision_id = meta.get(_ID_KEY)
+    if decision_id is None or len(decision_id) != _ID_LEN or not decision_id.isascii():
+        return head + _metadata_wire(meta.items())
+    rest = tuple(item for item in meta.items() if item[0] != _ID_KEY)
+    tail = _static_metadata_wire(rest) if rest else b""
+    return b"".join((head, tail, _ID_PREFIX, decision_id.encode("ascii")))
 
 
 def decision_to_response(d: Decision) -> CheckResponse:

@@ -297,7 +297,13 @@ class _HttpCheckProtocol(asyncio.Protocol):
             except Exception as exc:  # never raise out of the transport: fail closed, loudly
                 data = server.internal_error_bytes(exc, attrs, head, close)
             if data is not None:
-                self._push_ready(data)
+                transport = self._transport
+                if not self._queue and transport is not None:
+                    # Nothing owed before this answer: straight out, no slot in the queue.
+                    transport.write(data)
+                    self._maybe_close()
+                else:
+                    self._push_ready(data)
                 return
         slot = _Slot()
         self._queue.append(slot)

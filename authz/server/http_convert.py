@@ -157,6 +157,14 @@ def render_decision(d: Decision, *, head: bool = False, close: bool = False) -> 
     status counts as unsafe: the caller then renders ``internal_error`` instead.
     """
     if d.allowed:
+        decision_id = d.metadata.get("decision_id") or d.decision_id
+        if decision_id.isascii() and decision_id.isalnum():
+            return _allow_answer(d, decision_id, close)
+    return _render(d, head, close)
+
+
+def _render(d: Decision, head: bool, close: bool) -> bytes:
+    if d.allowed:
         status_line = _ALLOW_STATUS
         fixed = _allow_block(d.upstream_headers, d.remove_headers)
         body = b""
@@ -188,6 +196,41 @@ def render_decision(d: Decision, *, head: bool = False, close: bool = False) -> 
     if head or not body:
         return head_bytes
     return head_bytes + body
+
+
+_ID_LINE = b"x-authz-decision-id: "
+_ALLOW_ANSWERS: dict[tuple[object, ...], tuple[bytes, bytes]] = {}
+_ALLOW_ANSWERS_MAX = 4096
+
+
+def _allow_answer(d: Decision, decision_id: str, close: bool) -> bytes:
+    """An allow whose decision id is plain ASCII letters and digits (``new_decision_id``'s).
+
+    Everything but the id depends only on the identity headers, the metadata and ``close``: the
+    same for every check of one caller on one route. That answer is rendered once by
+    ``_render`` and kept split around the id (bounded); a check only splices its own id in. The
+    key holds every input of the answer but the id, so it is never another caller's."""
+    meta = d.metadata
+    key = (
+        d.upstream_headers,
+        d.remove_headers,
+        d.code,
+        d.api,
+        d.route,
+        close,
+        tuple(item for item in meta.items() if item[0] != "decision_id"),
+    )
+    parts = _ALLOW_ANSWERS.get(key)
+    if parts is None:
+        whole = _render(d, False, close)
+        head = _ALLOW_STATUS + _allow_block(d.upstream_headers, d.remove_headers) + _ID_LINE
+        tail = whole[len(head) + len(decision_id) :]
+        if whole != head + decision_id.encode("ascii") + tail:  # pragma: no cover - a bug
+            raise ValueError("allow answer does not start with its decision id")
+        if len(_ALLOW_ANSWERS) >= _ALLOW_ANSWERS_MAX:
+            _ALLOW_ANSWERS.clear()
+        parts = _ALLOW_ANSWERS[key] = (head, tail)
+    return b"".join((parts[0], decision_id.encode("ascii"), parts[1]))
 
 
 def _header_block(parts: list[str]) -> bytes:

@@ -3,6 +3,7 @@ explicitly here, and request_to_attrs on fully populated CheckRequests."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import pytest
@@ -303,3 +304,60 @@ def test_empty_request_converts_to_empty_attrs() -> None:
 
 def test_request_id_of_never_raises() -> None:
     assert request_id_of(None) == ""  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------- decision_to_bytes
+
+HEX_ID = "0123456789abcdef0123456789abcdef"
+META = {"decision_id": HEX_ID, "api": "orders", "route": "read", "code": "ok", "oid": "o-1"}
+
+
+@pytest.mark.parametrize(
+    "decision",
+    [
+        allow(
+            upstream_headers=(("x-user-id", "oid-1"), ("x-roles", "A,B")),
+            remove_headers=("authorization",),
+            metadata=MappingProxyType(META),
+        ),
+        allow(metadata=MappingProxyType({**META, "decision_id": "fedcba9876543210" * 2})),
+        allow(metadata=MappingProxyType({**META, "rate_limit": "per-user", "code": "x"})),
+        allow(metadata=MappingProxyType({"decision_id": HEX_ID})),
+        allow(metadata=MappingProxyType({**META, "decision_id": "short"})),
+        allow(metadata=MappingProxyType({**META, "decision_id": "é" * 32})),
+        allow(metadata=MappingProxyType({"api": "orders"})),
+        allow(),
+        dataclasses.replace(
+            allow(would_deny=True, metadata=MappingProxyType(META)), code="missing_role"
+        ),
+        deny(403, "missing_role", body=b"{}", metadata=MappingProxyType(META)),
+        internal_error(HEX_ID, "req-1"),
+    ],
+    ids=[
+        "allow",
+        "other-id",
+        "extra-key",
+        "only-id",
+        "id-not-32",
+        "id-not-ascii",
+        "no-id",
+        "no-metadata",
+        "dry-run",
+        "deny",
+        "internal-error",
+    ],
+)
+def test_decision_to_bytes_parses_as_decision_to_response(decision: Decision) -> None:
+    wire = convert.decision_to_bytes(decision)
+    assert external_auth_pb2.CheckResponse.FromString(wire) == decision_to_response(decision)
+
+
+def test_decision_to_bytes_never_mixes_two_callers_metadata() -> None:
+    a = allow(metadata=MappingProxyType({**META, "oid": "alice"}))
+    b = allow(metadata=MappingProxyType({**META, "oid": "bob", "decision_id": "f" * 32}))
+    for d in (a, b, a):
+        got = external_auth_pb2.CheckResponse.FromString(convert.decision_to_bytes(d))
+        assert dict(got.dynamic_metadata.fields.items()) == dict(
+            decision_to_response(d).dynamic_metadata.fields.items()
+        )
+        assert got.dynamic_metadata.fields["oid"].string_value == d.metadata["oid"]

@@ -29,6 +29,7 @@ import pytest
 
 from authz.dev.stack import free_port
 from authz.policy.model import Decision, RequestAttrs
+from authz.server import http_convert
 from authz.server.http import HttpCheckServer, HttpLimits, UnsafeHeaderError, render_decision
 
 ALLOW = Decision(
@@ -203,6 +204,50 @@ def test_render_extra_metadata_keys() -> None:
 def test_render_refuses_unsafe(decision: Decision) -> None:
     with pytest.raises(ValueError):
         render_decision(decision)
+
+
+def _with_id(d: Decision, decision_id: str, **meta: str) -> Decision:
+    merged = {**d.metadata, "decision_id": decision_id, **meta}
+    return dataclasses.replace(d, decision_id=decision_id, metadata=MappingProxyType(merged))
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "close"])
+@pytest.mark.parametrize(
+    "decision",
+    [
+        _with_id(ALLOW, "0123abcd" * 4),
+        _with_id(ALLOW, "fedc" * 8, oid="o-1", rate_limit="per-user"),
+        _with_id(_tagged("t"), "A1"),
+        dataclasses.replace(_tagged("t"), decision_id="NoMetaId7"),
+    ],
+    ids=["allow", "extra-metadata", "short-id", "id-from-field"],
+)
+def test_render_allow_with_a_plain_id_is_the_full_rendering(
+    decision: Decision, close: bool
+) -> None:
+    # The per-identity answer (rendered once, the decision id spliced in) is byte for byte the
+    # full rendering, on the first check and on repeats.
+    expected = http_convert._render(decision, False, close)
+    assert render_decision(decision, close=close) == expected
+    assert render_decision(decision, close=close, head=True) == expected
+
+
+def test_render_allow_answers_keep_each_caller_and_id_apart() -> None:
+    alice = _with_id(ALLOW, "a" * 32, oid="alice")
+    bob = dataclasses.replace(
+        _with_id(ALLOW, "b" * 32, oid="bob"), upstream_headers=(("x-user-id", "bob"),)
+    )
+    for d, again in ((alice, "c" * 32), (bob, "d" * 32), (alice, "e" * 32)):
+        out = render_decision(_with_id(d, again))
+        assert out == http_convert._render(_with_id(d, again), False, False)
+        assert f"x-authz-decision-id: {again}\r\n".encode() in out
+        assert out.count(b"x-authz-decision-id") == 1
+        assert f"x-authz-oid: {d.metadata['oid']}\r\n".encode() in out
+
+
+def test_render_allow_with_a_plain_id_still_refuses_unsafe_headers() -> None:
+    with pytest.raises(ValueError):
+        render_decision(dataclasses.replace(_tagged("a\nb"), decision_id="plain1"))
 
 
 # ---------------------------------------------------------------------------------- over sockets

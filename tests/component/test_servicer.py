@@ -121,6 +121,36 @@ async def test_cancellation_is_not_swallowed() -> None:
         await AuthorizationServicer(check).Check(request(), None)
 
 
+async def test_check_wire_answers_the_same_bytes_as_check_serialised() -> None:
+    got = await AuthorizationServicer(Recorder()).check_wire(request(), None)
+    assert external_auth_pb2.CheckResponse.FromString(got) == decision_to_response(ALLOW)
+
+
+async def test_check_wire_fails_closed_like_check() -> None:
+    errors: list[BaseException] = []
+
+    async def check(attrs: RequestAttrs) -> Decision:
+        raise RuntimeError("bug")
+
+    servicer = AuthorizationServicer(check, errors.append, new_id=lambda: "d-err")
+    got = await servicer.check_wire(request(request_id="req-7"), None)
+    expected = decision_to_response(internal_error("d-err", "req-7"))
+    assert external_auth_pb2.CheckResponse.FromString(got) == expected
+    assert len(errors) == 1
+
+
+async def test_check_wire_with_a_broken_id_source_sends_the_fallback() -> None:
+    def bad_id() -> str:
+        raise OSError("no entropy")
+
+    async def check(attrs: RequestAttrs) -> Decision:
+        raise RuntimeError("bug")
+
+    got = await AuthorizationServicer(check, new_id=bad_id).check_wire(request(), None)
+    expected = decision_to_response(internal_error("", ""))
+    assert external_auth_pb2.CheckResponse.FromString(got) == expected
+
+
 # ---------------------------------------------------------------------- real grpc.aio server
 
 

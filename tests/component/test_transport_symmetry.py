@@ -231,7 +231,9 @@ class Pair:
     port: int
 
     async def ask(self, method: str, path: str, headers: dict[str, str]) -> tuple[Answer, Answer]:
-        resp = await self.servicer.Check(grpc_request(method, path, headers), None)
+        # check_wire: the path the gRPC server runs (the answer's bytes), parsed as Envoy would
+        wire = await self.servicer.check_wire(grpc_request(method, path, headers), None)
+        resp = convert.CheckResponse.FromString(wire)
         raw = await http_exchange(self.port, http_request(method, path, headers))
         return grpc_answer(resp), http_answer(raw)
 

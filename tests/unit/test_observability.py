@@ -225,3 +225,70 @@ def test_token_in_a_principal_field_is_redacted() -> None:
     text, line = _one_line(RequestAttrs(method="GET", path="/x"), d)
     assert line["uti"] == "[redacted-token]"
     assert JWT not in text
+
+
+def _who(oid: str, uti: str = "u") -> Principal:
+    return Principal(
+        tid="t",
+        oid=oid,
+        sub="s",
+        client_id="c",
+        kind=TokenKind.USER,
+        version="2.0",
+        issuer="i",
+        audience="a",
+        provider="p",
+        expires_at=1,
+        uti=uti,
+    )
+
+
+def test_repeat_lines_of_different_callers_never_mix() -> None:
+    # The per-caller stretch of the line is encoded once and reused: every line must still be
+    # its own caller's and decision's, in any order, and the same as a fresh log writes it.
+    alice, bob = _who("alice"), _who("bob", uti=JWT)
+    decisions = [
+        Decision(
+            allowed=True, status=200, code="ok", reason="r", decision_id="d1", principal=alice
+        ),
+        Decision(allowed=True, status=200, code="ok", reason="r", decision_id="d2", principal=bob),
+        Decision(
+            allowed=False,
+            status=403,
+            code="missing_role",
+            reason="r",
+            decision_id="d3",
+            principal=alice,
+        ),
+        DRY,
+    ]
+    buf = io.StringIO()
+    log = AuditLog(buf, clock=lambda: 1.0)
+    for d in [*decisions, *reversed(decisions), *decisions]:
+        log.record(RequestAttrs(method="GET", path="/x", request_id=d.decision_id), d, 1e-6)
+    log.flush()
+    got = lines(buf)
+    for d, line in zip([*decisions, *reversed(decisions), *decisions], got, strict=True):
+        fresh = io.StringIO()
+        fresh_log = AuditLog(fresh, clock=lambda: 1.0)
+        fresh_log.record(RequestAttrs(method="GET", path="/x", request_id=d.decision_id), d, 1e-6)
+        fresh_log.flush()
+        assert line == json.loads(fresh.getvalue())
+        assert line["decision_id"] == d.decision_id
+        assert line["oid"] == (d.principal.oid if d.principal else "")
+    assert JWT not in buf.getvalue()
+
+
+def test_cached_line_stretches_are_bounded() -> None:
+    from authz.observability import _SEGMENTS_MAX
+
+    buf = io.StringIO()
+    log = AuditLog(buf)
+    for i in range(_SEGMENTS_MAX + 10):
+        d = Decision(
+            allowed=False, status=403, code="c", reason="r", decision_id="d", principal=_who(f"{i}")
+        )
+        log.record(RequestAttrs(method="GET", path="/x"), d, 1e-6)
+        assert len(log._segments) <= _SEGMENTS_MAX
+    log.flush()
+    assert [line["oid"] for line in lines(buf)] == [str(i) for i in range(_SEGMENTS_MAX + 10)]
