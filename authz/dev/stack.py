@@ -35,7 +35,7 @@ from authz.dev.idp import CONTOSO, FABRIKAM, DevIdP
 from authz.envoyconf import defaults, placeholders, render
 from authz.server.ports import envoy_endpoints
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 ENVOY_DIR = REPO_ROOT / "envoy"
 
 ORDERS_API_ID = "aaaaaaaa-0000-4000-8000-00000000000a"
