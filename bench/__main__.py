@@ -499,13 +499,16 @@ def run_users_round(
     url = f"http://127.0.0.1:{envoy.ports['listen']}{PATH}"
     try:
         wait_until(lambda: _status(url, lab.token) == 200, 15, f"{name}: a 200 through Envoy")
-        wrk.run(url, lua, seconds=1)  # warm up (connections)
+        cursor = (lua, proc.pid if proc else 0)  # the cycle as this process's cache saw it
+        _cycle(cursor, tokens, wrk.run(url, _continue(cursor), seconds=1).requests)  # warm up
         groups = {"envoy": [envoy.pid], "authz": proc.pids() if proc else []}
         before = _scrape(proc) if proc else {}
         meter = CpuMeter(groups)
+        lua_now = _continue(cursor)
         meter.start()
-        res = wrk.run(url, lua, seconds=seconds)
+        res = wrk.run(url, lua_now, seconds=seconds)
         meter.stop()
+        _cycle(cursor, tokens, res.requests)
         after: dict[str, float] = {}
         if proc:
             time.sleep(0.6)  # the cache counters are folded into metrics every 0.25 s
@@ -523,6 +526,23 @@ def run_users_round(
         }
     finally:
         lab.release(envoy)
+
+
+# Where each (token file, authz process)'s cycle stands: every wrk run starts a new Lua state, so
+# without this each run would begin at token 0 again and hit what the previous run (or the
+# warm-up) cached. Priming sends the tokens in order, so the cycle starts at 0.
+_CURSORS: dict[tuple[Path, int], int] = {}
+
+
+def _continue(cursor: tuple[Path, int]) -> Path:
+    lua = cursor[0]
+    return wrk.restart(lua.with_name(lua.stem + "-tokens.txt"), PATH, _CURSORS.get(cursor, 0))
+
+
+def _cycle(cursor: tuple[Path, int], tokens: int, requests: int) -> None:
+    # + the requests in flight when wrk stopped (up to one per connection), so the next run
+    # never repeats a recent token: with tokens > cache size every check stays a miss.
+    _CURSORS[cursor] = (_CURSORS.get(cursor, 0) + requests + 16) % tokens
 
 
 def _users_median(rounds: list[dict[str, Any]]) -> dict[str, Any]:

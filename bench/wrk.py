@@ -12,7 +12,7 @@ LUA = """\
 -- Authorization header from a file of tokens (one per line); cycles through them.
 local tokens = {}
 for line in io.lines("%(tokens)s") do tokens[#tokens + 1] = line end
-local i = 0
+local i = %(start)d
 request = function()
   i = i %% #tokens + 1
   return wrk.format("GET", "%(path)s", {["Authorization"] = "Bearer " .. tokens[i]})
@@ -76,8 +76,14 @@ def script(workdir: Path, tokens: list[str], path: str, name: str = "bench") -> 
     all connections, so each token comes back every ``len(tokens)`` requests)."""
     tok = workdir / f"{name}-tokens.txt"
     tok.write_text("\n".join(tokens) + "\n")
-    lua = workdir / f"{name}.lua"
-    lua.write_text(LUA % {"tokens": tok, "path": path})
+    return restart(tok, path, 0)
+
+
+def restart(tokens_file: Path, path: str, start: int) -> Path:
+    """The script for ``tokens_file`` (from ``script``) that begins after token ``start``: a run
+    can continue the previous run's cycle (each wrk run starts a new Lua state)."""
+    lua = tokens_file.with_name(tokens_file.name.removesuffix("-tokens.txt") + ".lua")
+    lua.write_text(LUA % {"tokens": tokens_file, "path": path, "start": start})
     return lua
 
 
