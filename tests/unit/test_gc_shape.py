@@ -20,6 +20,7 @@ from authz.identity import entra
 from authz.identity.cache import ClaimsCache
 from authz.identity.entra import TokenVerifier
 from authz.policy.model import TokenSettings
+from authz.server.lifecycle import settle_heap
 
 USERS = 300
 
@@ -119,3 +120,14 @@ def test_interned_sets_are_bounded_and_shared() -> None:
     assert len(sets) <= entra._MAX_INTERNED_SETS  # cleared when full, then refilled
     again = entra._frozen(sets, ("groups", "a"), ["a"])
     assert again == first
+
+
+def test_settle_heap_freezes_what_start_up_built(unfrozen: None) -> None:
+    gc.unfreeze()
+    built = [{"config": i} for i in range(1000)]  # long-lived, like a compiled configuration
+    settle_heap()
+    assert gc.get_freeze_count() >= len(built)
+    # A full collection now walks only what was allocated since: (nearly) nothing.
+    assert len(gc.get_objects(generation=2)) < len(built)
+    settle_heap()  # after a reload: unfreeze, collect, freeze again
+    assert gc.get_freeze_count() >= len(built)
