@@ -180,6 +180,16 @@ def worker_main() -> int:
 # -------------------------------------------------------------------------- one process
 
 
+# gc.set_threshold: the young generations as CPython's default (700, 10: a young collection walks
+# at most a few thousand objects, well under a millisecond), the oldest one collected after 100
+# collections of the middle one instead of 10. A full collection walks the whole claims cache;
+# with every check a miss (more users than cache entries) the default ran one every ~6 000
+# checks, 15-35 ms each on the bench machine; 100 makes that ten times rarer. Cyclic garbage
+# waits longer in the oldest generation (the check path makes none: tests/unit/test_gc_shape.py).
+# Measured: docs/performance.md, "Many users and the GC".
+GC_THRESHOLDS = (700, 10, 100)
+
+
 def settle_heap() -> None:
     """Collect, then freeze every surviving object into the permanent generation: start-up's
     (and a reload's) long-lived objects stop costing each full collection a walk over them.
@@ -188,6 +198,7 @@ def settle_heap() -> None:
     are garbage after a reload; frozen, a reference cycle among them would never be collected.
     Objects without cycles (every claims-cache entry) are freed by reference counting whether
     frozen or not. One full collection per start or reload (tens of ms with a full cache)."""
+    gc.set_threshold(*GC_THRESHOLDS)
     gc.unfreeze()
     gc.collect()
     gc.freeze()

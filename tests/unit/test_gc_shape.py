@@ -20,7 +20,7 @@ from authz.identity import entra
 from authz.identity.cache import ClaimsCache
 from authz.identity.entra import TokenVerifier
 from authz.policy.model import TokenSettings
-from authz.server.lifecycle import settle_heap
+from authz.server.lifecycle import GC_THRESHOLDS, settle_heap
 
 USERS = 300
 
@@ -125,9 +125,36 @@ def test_interned_sets_are_bounded_and_shared() -> None:
 def test_settle_heap_freezes_what_start_up_built(unfrozen: None) -> None:
     gc.unfreeze()
     built = [{"config": i} for i in range(1000)]  # long-lived, like a compiled configuration
-    settle_heap()
+    saved = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_threshold() == GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*saved)
     assert gc.get_freeze_count() >= len(built)
     # A full collection now walks only what was allocated since: (nearly) nothing.
     assert len(gc.get_objects(generation=2)) < len(built)
     settle_heap()  # after a reload: unfreeze, collect, freeze again
     assert gc.get_freeze_count() >= len(built)
+
+
+def test_the_check_path_makes_no_cyclic_garbage(
+    memory_keys: Any, clock: list[float], env: SimpleNamespace, minter: Any
+) -> None:
+    # What lets full collections be rare (lifecycle.GC_THRESHOLDS): reference counting frees
+    # everything a check leaves behind, evicted entries included.
+    tokens = user_tokens(minter, groups=["g-1"])
+    cache = ClaimsCache(USERS // 2, 300.0, clock=lambda: clock[0])  # every call a miss
+    verifier = TokenVerifier(
+        TokenSettings(), env.ISSUERS, memory_keys, clock=lambda: clock[0], cache=cache
+    )
+    api = env.make_api()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            for t in tokens:
+                verifier.verify(t, api)
+        assert gc.collect() == 0  # unreachable objects found: none
+    finally:
+        gc.enable()
