@@ -342,20 +342,30 @@ class Metrics:
 
 
 class GcPauses:
-    """A ``gc.callbacks`` hook: the wall time of every collection, by generation, observed into
-    a histogram (``Metrics.gc_pause``). Collections do not nest and run on the thread that
-    allocates, so one start time suffices. Costs two ``perf_counter()`` and one ``observe()``
-    per collection (a young one comes every few hundred checks), nothing per check."""
+    """A ``gc.callbacks`` hook: the wall time of every collection, by generation, for the
+    histogram ``Metrics.gc_pause``.
+
+    The callback only appends a float to a list: a collection can start inside any allocation,
+    including one made while prometheus-client holds its value lock (one global, non-reentrant
+    lock in multiprocess mode), so observing from the callback could deadlock. ``flush()``
+    (every 0.25 s, from the serving loop) moves the pauses into the histogram. Collections do
+    not nest and hold the GIL, so one start time suffices; nothing is done per check."""
 
     def __init__(self, histogram: prom.Histogram) -> None:
         self._by_generation = tuple(histogram.labels(str(g)) for g in range(3))
+        self._pending: tuple[list[float], ...] = ([], [], [])
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self._by_generation[info["generation"]].observe(time.perf_counter() - self._started)
+            self._pending[info["generation"]].append(time.perf_counter() - self._started)
+
+    def flush(self) -> None:
+        for child, pending in zip(self._by_generation, self._pending, strict=True):
+            while pending:
+                child.observe(pending.pop())
 
     def install(self) -> None:
         if self not in gc.callbacks:
@@ -364,6 +374,7 @@ class GcPauses:
     def uninstall(self) -> None:
         if self in gc.callbacks:
             gc.callbacks.remove(self)
+        self.flush()
 
 
 class AuditLog:

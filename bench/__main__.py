@@ -514,13 +514,25 @@ def run_users_round(
         wait_until(lambda: _status(url, lab.token) == 200, 15, f"{name}: a 200 through Envoy")
         cursor = (lua, proc.pid if proc else 0)  # the cycle as this process's cache saw it
         _cycle(cursor, tokens, wrk.run(url, _continue(cursor), seconds=1).requests)  # warm up
-        groups = {"envoy": [envoy.pid], "authz": proc.pids() if proc else []}
+        groups = {
+            "envoy": [envoy.pid],
+            "authz": proc.pids() if proc else [],
+            "backend": [lab.backend.pid],
+        }
         before = _scrape(proc) if proc else {}
         meter = CpuMeter(groups)
         lua_now = _continue(cursor)
+        wrk_cpu = _children_cpu()
+        t0 = time.monotonic()
         meter.start()
         res = wrk.run(url, lua_now, seconds=seconds)
         meter.stop()
+        wall = time.monotonic() - t0
+        wrk_cpu = _children_cpu() - wrk_cpu
+        ours = sum(meter.per_pid.values()) + wrk_cpu
+        cores = len(os.sched_getaffinity(0))
+        # What the rest of the machine (other work) used of the cores during the run.
+        others = max(0.0, meter.busy_pct / 100 * wall * cores - ours) / (wall * cores) * 100
         _cycle(cursor, tokens, res.requests)
         after: dict[str, float] = {}
         if proc:
@@ -535,6 +547,7 @@ def run_users_round(
             "authz_us": meter.seconds("authz") / n * 1e6 if proc else None,
             "steal_pct": meter.steal_pct,
             "busy_pct": meter.busy_pct,
+            "others_pct": others,
             **(_gc_delta(before, after) if proc else {}),
         }
     finally:
@@ -565,6 +578,7 @@ def _users_median(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("p50_ms", "p99_ms", "envoy_us"):
         row[key] = statistics.median(r[key] for r in rounds)
     row["max_ms"] = max(r["max_ms"] for r in rounds)
+    row["others_pct"] = statistics.median(r["others_pct"] for r in rounds)
     row["p99_range"] = (min(r["p99_ms"] for r in rounds), max(r["p99_ms"] for r in rounds))
     if rounds[0].get("authz_us") is not None:
         row["authz_us"] = statistics.median(r["authz_us"] for r in rounds)
@@ -644,7 +658,7 @@ def _print_users_row(row: dict[str, Any]) -> None:
         f"  {row['mode']:<44} {row['rps']:8.0f} req/s  p50 {row['p50_ms']:.2f} ms  "
         f"p99 {row['p99_ms']:.2f} ms  max {row['max_ms']:.1f} ms  "
         f"authz {_f(row.get('authz_us'))} us/req  hits {_f(hit)}%{gc2}  "
-        f"steal {row['steal_pct']:.1f}%",
+        f"others {row['others_pct']:.0f}%  steal {row['steal_pct']:.1f}%",
         flush=True,
     )
 
@@ -657,8 +671,9 @@ def users_report(u: dict[str, Any]) -> list[str]:
         "brackets, max = slowest request of all rounds)",
         "",
         "| mode | cache hits | req/s | p50 ms | p99 ms | max ms | Envoy µs/req | authz µs/req "
-        "| GC gen 2: per round, ms per round | largest GC pause ms (<=) | steal % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GC gen 2: per round, ms per round | largest GC pause ms (<=) | other work % "
+        "| steal % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in modes:
         hit = m.get("cache_hit_pct")
@@ -669,7 +684,8 @@ def users_report(u: dict[str, Any]) -> list[str]:
             f"| {m['mode']} | {_f(hit, '.0f')}{'' if hit is None else ' %'} | {m['rps']:.0f} | "
             f"{m['p50_ms']:.2f} | {m['p99_ms']:.2f}{_spread1(m.get('p99_range'))} | "
             f"{m['max_ms']:.1f} | {m['envoy_us']:.0f} | {_f(m.get('authz_us'))} | {gc2} | "
-            f"{_f(m.get('gc_max_ms'), '.1f')} | {m['steal_pct']:.1f} |"
+            f"{_f(m.get('gc_max_ms'), '.1f')} | {_f(m.get('others_pct'))} | "
+            f"{m['steal_pct']:.1f} |"
         )
     return [*lines, ""]
 

@@ -253,6 +253,7 @@ async def run_process(settings: Settings, opts: ProcessOptions) -> int:
         return 1
     gc_pauses = GcPauses(metrics.gc_pause)
     gc_pauses.install()
+    flusher = asyncio.create_task(_flush_every(gc_pauses.flush, 0.25))
     settle_heap()
     app.install_signal_handlers()
     reporter = None
@@ -260,12 +261,20 @@ async def run_process(settings: Settings, opts: ProcessOptions) -> int:
         reporter = asyncio.create_task(_report_to_supervisor(service, app, opts.ready_fd, parent))
     await app.wait()
     await app.stop()
+    flusher.cancel()
     gc_pauses.uninstall()
     if reporter is not None:
         reporter.cancel()
         with contextlib.suppress(OSError):
             os.write(opts.ready_fd, b"0")
     return 0
+
+
+async def _flush_every(flush: Callable[[], None], seconds: float) -> None:
+    """GC pauses into their histogram, off the collector's callback (``GcPauses``)."""
+    while True:
+        await asyncio.sleep(seconds)
+        flush()
 
 
 async def _report_to_supervisor(service: Service, app: App, ready_fd: int, parent: int) -> None:
