@@ -120,10 +120,11 @@ class HeaderPlan:
         # come from the claims cache, so a token's repeat requests reuse one object; the entry
         # keeps it alive, so its id cannot be reused while cached. It lives (and dies) with the
         # plan, i.e. with the engine: a reload never sees the old configuration's renderings.
-        # Full: the oldest entry goes, one per new one (not a clear() of all): with more users
-        # than entries, a clear freed ~10 000 objects at once, and the GC's young-generation
-        # count, which frees only lower down to zero, kept every allocation in between, so
-        # collections ran every ~60 checks (docs/performance.md, "Many users and the GC").
+        # Full: the oldest entry goes, one per new one (not a clear() of all). With more users
+        # than entries, a clear freed ~10 000 objects at once, while the collector's count of
+        # young objects (allocations minus frees, never below zero) had counted every
+        # allocation in between: a young collection every ~60 checks, a full one every ~6 000
+        # (docs/performance.md, "Many users and the GC").
         self._memo: OrderedDict[int, tuple[Principal, _Rendered]] = OrderedDict()
 
     def render(self, principal: Principal | None) -> _Rendered:
