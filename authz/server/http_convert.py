@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import OrderedDict
 from http import HTTPStatus
 from types import MappingProxyType
 
@@ -198,7 +199,12 @@ def _header_block(parts: list[str]) -> bytes:
     return block.encode("utf-8") + b"\r\n"
 
 
-_ALLOW_BLOCKS: dict[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], bytes] = {}
+# Full: the oldest block goes, one per new one, never a clear() of all (with more users than
+# blocks a clear freed thousands of objects at once, which the GC's young-generation count does
+# not see: docs/performance.md, "Many users and the GC").
+_ALLOW_BLOCKS: OrderedDict[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], bytes] = (
+    OrderedDict()
+)
 _ALLOW_BLOCKS_MAX = 4096
 
 
@@ -213,7 +219,7 @@ def _allow_block(upstream: tuple[tuple[str, str], ...], remove: tuple[str, ...])
             parts.append(f"{_REMOVE}: {','.join(remove)}")
         block = _header_block(parts)
         if len(_ALLOW_BLOCKS) >= _ALLOW_BLOCKS_MAX:
-            _ALLOW_BLOCKS.clear()
+            _ALLOW_BLOCKS.popitem(last=False)
         _ALLOW_BLOCKS[key] = block
     return block
 
