@@ -8,6 +8,9 @@ Size: everything an operator sees, in one place by design (the list below).
   straight to a stream: no logging machinery on the hot path. Every client-supplied field goes
   through ``audit_field`` (token-shaped text redacted, length bounded); the path never carries
   its query or fragment.
+- ``GcPauses`` times every cyclic-GC collection (``gc.callbacks``) into
+  ``authz_gc_pause_seconds{generation}``: the stalls of a full claims cache show there
+  (docs/performance.md, "Many users and the GC").
 - ``JsonFormatter`` + ``RedactFilter`` make the service's own logs structured and strip anything
   shaped like a JWT, as a last line of defence: code never logs tokens in the first place.
 
@@ -17,6 +20,7 @@ user ids or tenant ids taken from tokens.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import random
@@ -45,6 +49,23 @@ DURATION_BUCKETS = (
     0.025,
     0.05,
     0.1,
+)
+
+# Cyclic-GC pauses: a young collection takes tens of µs, a full one over a big heap 10-300 ms.
+GC_PAUSE_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
 )
 
 _quote: Callable[[str], str] = json.encoder.encode_basestring_ascii
@@ -243,6 +264,14 @@ class Metrics:
             ["op"],
             registry=registry,
         )
+        self.gc_pause = prom.Histogram(
+            "authz_gc_pause_seconds",
+            "Cyclic garbage-collector pauses (wall time of one collection) by generation "
+            "(0, 1 young; 2 full).",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=registry,
+        )
         # Registered only when Redis is configured (enable_redis): absent = not configured.
         self.redis_up: prom.Gauge | None = None
         self._limited_seen: dict[tuple[str, str, str, str], int] = {}
@@ -327,6 +356,42 @@ class Metrics:
         if result in ("ok", "unchanged"):
             self.jwks_keys.labels(issuer).set(keys)
             self.jwks_last_success.labels(issuer).set(time.time())
+
+
+class GcPauses:
+    """A ``gc.callbacks`` hook: the wall time of every collection, by generation, for the
+    histogram ``Metrics.gc_pause``.
+
+    The callback only appends a float to a list: a collection can start inside any allocation,
+    including one made while prometheus-client holds its value lock (one global, non-reentrant
+    lock in multiprocess mode), so observing from the callback could deadlock. ``flush()``
+    (every 0.25 s, from the serving loop) moves the pauses into the histogram. Collections do
+    not nest and hold the GIL, so one start time suffices; nothing is done per check."""
+
+    def __init__(self, histogram: prom.Histogram) -> None:
+        self._by_generation = tuple(histogram.labels(str(g)) for g in range(3))
+        self._pending: tuple[list[float], ...] = ([], [], [])
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._pending[info["generation"]].append(time.perf_counter() - self._started)
+
+    def flush(self) -> None:
+        for child, pending in zip(self._by_generation, self._pending, strict=True):
+            while pending:
+                child.observe(pending.pop())
+
+    def install(self) -> None:
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
+
+    def uninstall(self) -> None:
+        if self in gc.callbacks:
+            gc.callbacks.remove(self)
+        self.flush()
 
 
 class AuditLog:
@@ -422,8 +487,8 @@ class AuditLog:
             f'"tid":{q(tid)},"oid":{q(oid)},"azp":{q(azp)},"uti":{q(uti)},'
             f'"actor":"{actor}",',
         )
-        if len(self._segments) >= _SEGMENTS_MAX:
-            self._segments.clear()
+        if len(self._segments) >= _SEGMENTS_MAX:  # the oldest goes, not all (GC: perf doc)
+            del self._segments[next(iter(self._segments))]
         self._segments[key] = segments
         return segments
 

@@ -12,7 +12,7 @@ LUA = """\
 -- Authorization header from a file of tokens (one per line); cycles through them.
 local tokens = {}
 for line in io.lines("%(tokens)s") do tokens[#tokens + 1] = line end
-local i = 0
+local i = %(start)d
 request = function()
   i = i %% #tokens + 1
   return wrk.format("GET", "%(path)s", {["Authorization"] = "Bearer " .. tokens[i]})
@@ -32,6 +32,7 @@ class WrkResult:
     non_2xx: int
     errors: int
     seconds: float
+    max_ms: float = float("nan")  # the slowest request (wrk's "Latency ... Max")
 
 
 def wrk_binary() -> str:
@@ -52,6 +53,7 @@ def parse(out: str, seconds: float) -> WrkResult:
     pct: dict[str, float] = {}
     for m in re.finditer(r"^\s+(50|75|90|99)(?:\.0+)?%\s+(\S+)", out, re.M):
         pct[m.group(1)] = _dur(m.group(2))
+    lat = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
     req = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -65,14 +67,23 @@ def parse(out: str, seconds: float) -> WrkResult:
         non_2xx=int(non.group(1)) if non else 0,
         errors=sum(int(x) for x in errs.groups()) if errs else 0,
         seconds=seconds,
+        max_ms=_dur(lat.group(1)) if lat else float("nan"),
     )
 
 
-def script(workdir: Path, tokens: list[str], path: str) -> Path:
-    tok = workdir / "tokens.txt"
+def script(workdir: Path, tokens: list[str], path: str, name: str = "bench") -> Path:
+    """A Lua script that cycles through ``tokens`` in order (one wrk thread: one cycle shared by
+    all connections, so each token comes back every ``len(tokens)`` requests)."""
+    tok = workdir / f"{name}-tokens.txt"
     tok.write_text("\n".join(tokens) + "\n")
-    lua = workdir / "bench.lua"
-    lua.write_text(LUA % {"tokens": tok, "path": path})
+    return restart(tok, path, 0)
+
+
+def restart(tokens_file: Path, path: str, start: int) -> Path:
+    """The script for ``tokens_file`` (from ``script``) that begins after token ``start``: a run
+    can continue the previous run's cycle (each wrk run starts a new Lua state)."""
+    lua = tokens_file.with_name(tokens_file.name.removesuffix("-tokens.txt") + ".lua")
+    lua.write_text(LUA % {"tokens": tokens_file, "path": path, "start": start})
     return lua
 
 

@@ -10,12 +10,21 @@ tokens signed by a retired or replaced key stop passing as soon as a refresh dro
 An entry lives at most ``min(exp + clock skew, now + max_ttl_s)``; the cache holds at most
 ``max_entries`` entries and evicts the least recently used. Denials are never cached.
 
+Shaped for the cyclic garbage collector (docs/performance.md, "Many users and the GC"): a full
+cache is the largest set of long-lived objects in the process, and every full collection walks
+each GC-tracked object in it. So an entry is ONE tracked object of its own (a slotted
+``CachedIdentity`` that carries its deadline: no ``(deadline, value)`` tuple around it) beside
+the ``Principal`` it holds, and nothing in an entry refers back to the cache (no reference cycle:
+an evicted entry is freed by reference counting at once, even when ``gc.freeze()`` has moved it
+to the permanent generation).
+
 Pure module: no grpc, prometheus, asyncio or network imports. Not locked: used from one event
 loop thread (each worker process has its own cache).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,6 +41,7 @@ class CachedIdentity:
     kid: str  # the signing key; the entry is void once the issuer's snapshot drops it
     # ... or once that kid names different key material (a JWKS may republish a kid).
     fingerprint: tuple[str, str] = ("", "")
+    deadline: float = math.inf  # wall clock; set by ``ClaimsCache.put``
 
 
 class ClaimsCache:
@@ -53,7 +63,7 @@ class ClaimsCache:
         self.max_entries = max_entries
         self.max_ttl_s = max_ttl_s
         self._clock = clock
-        self._entries: OrderedDict[bytes, tuple[float, CachedIdentity]] = OrderedDict()
+        self._entries: OrderedDict[bytes, CachedIdentity] = OrderedDict()
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -62,12 +72,11 @@ class ClaimsCache:
         return len(self._entries)
 
     def get(self, key: bytes) -> CachedIdentity | None:
-        item = self._entries.get(key)
-        if item is None:
+        value = self._entries.get(key)
+        if value is None:
             self.misses += 1
             return None
-        deadline, value = item
-        if self._clock() >= deadline:
+        if self._clock() >= value.deadline:
             self._entries.pop(key, None)
             self.misses += 1
             return None
@@ -75,19 +84,28 @@ class ClaimsCache:
         self.hits += 1
         return value
 
-    def put(self, key: bytes, value: CachedIdentity, valid_until: float) -> None:
-        """Store ``value`` until ``valid_until`` (wall clock, e.g. ``exp + skew``), capped by
-        ``max_ttl_s`` from now. Nothing is stored when that deadline has already passed."""
+    def put(
+        self,
+        key: bytes,
+        principal: Principal,
+        kid: str,
+        fingerprint: tuple[str, str],
+        valid_until: float,
+    ) -> CachedIdentity | None:
+        """Store the identity until ``valid_until`` (wall clock, e.g. ``exp + skew``), capped by
+        ``max_ttl_s`` from now; returns the entry. Nothing is stored (None) when that deadline
+        has already passed."""
         now = self._clock()
         deadline = min(valid_until, now + self.max_ttl_s)
         if deadline <= now:
-            return
+            return None
         entries = self._entries
-        entries[key] = (deadline, value)
+        value = entries[key] = CachedIdentity(principal, kid, fingerprint, deadline)
         entries.move_to_end(key)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
             self.evictions += 1
+        return value
 
     def clear(self) -> None:
         self._entries.clear()

@@ -143,6 +143,9 @@ _LAST_OF_3 = frozenset("AEIMQUYcgkosw048")
 FORBIDDEN_HEADER_PARAMETERS = frozenset({"crit", "jku", "x5u", "jwk", "x5c", "b64", "nonce"})
 _TEMPLATE = "{tenantid}"
 _MAX_CACHED_HEADERS = 256
+# Interned claim sets (see ``_frozen``): bounded like the header cache.
+_MAX_INTERNED_SETS = 1024
+_NO_STRINGS: frozenset[str] = frozenset()
 _APP, _USER = TokenKind.APP, TokenKind.USER
 
 
@@ -313,6 +316,11 @@ class TokenVerifier:
         # Kept (issue 14): its key is request data (the token's header), so it cannot be
         # compiled at configuration time; it lives and dies with this verifier.
         self._headers: dict[str, tuple[str, str]] = {}
+        # Claim values -> the frozenset a Principal holds, shared by every Principal with the same
+        # scopes, roles or groups (most users of an API share them): a cached Principal then
+        # holds no GC-tracked set of its own, so a full collection walks fewer objects in a full
+        # claims cache (docs/performance.md, "Many users and the GC"). Cleared when full.
+        self._sets: dict[object, frozenset[str]] = {}
 
     @property
     def cache(self) -> ClaimsCache | None:
@@ -339,11 +347,7 @@ class TokenVerifier:
             _check_api(cached, api)
             return cached
         principal, key = self._verify(token, api, now)
-        cache.put(
-            digest,
-            CachedIdentity(principal, key.kid, key.fingerprint),
-            float(principal.expires_at + self._skew),
-        )
+        cache.put(digest, principal, key.kid, key.fingerprint, principal.expires_at + self._skew)
         _check_api(principal, api)
         return principal
 
@@ -448,7 +452,7 @@ class TokenVerifier:
             # A key no v2 JWKS vouches for (v1-only: the MSA key, an app's custom key) has no
             # issuer we could check, so it signs for no one.
             raise _deny(Code.KEY_ISSUER_MISMATCH)
-        return _principal(payload, name, iss, tid, ver, aud, exp), key
+        return _principal(payload, name, iss, tid, ver, aud, exp, self._sets), key
 
     def _check_header(self, h64: str) -> tuple[str, str]:
         """Step 3 on a header segment not seen before: ``(alg, kid)``, remembered on success.
@@ -676,8 +680,28 @@ _object_new = object.__new__
 _new_principal: Callable[..., Principal] = _build_principal if _FAST_PRINCIPAL else Principal
 
 
+def _frozen(sets: dict[object, frozenset[str]], key: object, items: Any) -> frozenset[str]:
+    """``frozenset(items)``, shared: the same set object for the same ``key`` (the claim's value:
+    the ``scp`` string, or a tuple of a tag and the items). Empty: the module's one empty set."""
+    if not items:
+        return _NO_STRINGS
+    found = sets.get(key)
+    if found is None:
+        if len(sets) >= _MAX_INTERNED_SETS:
+            sets.clear()
+        found = sets[key] = frozenset(items)
+    return found
+
+
 def _principal(
-    payload: dict[str, Any], name: str, iss: str, tid: str, ver: str, aud: str, exp: int
+    payload: dict[str, Any],
+    name: str,
+    iss: str,
+    tid: str,
+    ver: str,
+    aud: str,
+    exp: int,
+    sets: dict[object, frozenset[str]],
 ) -> Principal:
     get = payload.get
     # Absent optional claims read as "" / (); present ones must have Entra's type (null too is
@@ -710,7 +734,7 @@ def _principal(
     if hasgroups.__class__ is not bool:
         raise _deny(Code.INVALID_CLAIM, "'hasgroups' is not a boolean")
     overage = overage or hasgroups
-    scopes = frozenset(scp.split())
+    scopes = _frozen(sets, scp, scp.split())
     # idtyp is authoritative when the API opted in to it; otherwise Microsoft's fallback: no
     # scp and oid == sub means an app-only token.
     app_only = idtyp == "app" if idtyp else (not scopes and bool(oid) and oid == sub)
@@ -731,14 +755,14 @@ def _principal(
         aud,
         name,  # provider
         exp,
-        frozenset(roles_list),
+        _frozen(sets, ("roles", *roles_list), roles_list),
         scopes,
         scp,
         roles_list,
-        frozenset(groups),
+        _frozen(sets, ("groups", *groups), groups),
         overage,
-        frozenset(acrs),
-        frozenset(xms_cc),  # client_capabilities
+        _frozen(sets, ("acrs", *acrs), acrs),
+        _frozen(sets, ("xms_cc", *xms_cc), xms_cc),  # client_capabilities
         uti,
         idtyp,
         MappingProxyType(payload),

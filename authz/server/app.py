@@ -195,6 +195,7 @@ class App:
         grpc_extra_listens: Sequence[str] = (),
         http_extra_listens: Sequence[str] = (),
         tracer: CheckTracer | None = None,
+        after_reload: Callable[[], None] | None = None,
     ) -> None:
         s = service.settings.server
         # Tracing (docs/tracing.md) wraps the check functions once, here: off costs nothing.
@@ -215,6 +216,8 @@ class App:
         self.http_extra_listens = tuple(http_extra_listens)
         self._http_extra: list[HttpCheckServer] = []
         self.watch_interval_s = watch_interval_s
+        # Called after a reload that swapped in a new configuration (lifecycle: gc.freeze()).
+        self.after_reload = after_reload
         self._grpc: grpc.aio.Server | None = None
         self._http: HttpCheckServer | None = None
         self._admin = AdminServer(
@@ -311,7 +314,7 @@ class App:
             if now - last_watch >= self.watch_interval_s:
                 last_watch = now
                 if self.service.config_changed():
-                    await self.service.reload()
+                    await self._reload()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=0.25)
 
@@ -337,7 +340,8 @@ class App:
         self._tasks.append(task)
 
     async def _reload(self) -> None:
-        await self.service.reload()
+        if await self.service.reload() and self.after_reload is not None:
+            self.after_reload()
 
     async def wait(self) -> None:
         await self._stop.wait()

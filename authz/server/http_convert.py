@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections import OrderedDict
 from http import HTTPStatus
 from types import MappingProxyType
 
@@ -227,8 +228,8 @@ def _allow_answer(d: Decision, decision_id: str, close: bool) -> bytes:
         tail = whole[len(head) + len(decision_id) :]
         if whole != head + decision_id.encode("ascii") + tail:  # pragma: no cover - a bug
             raise ValueError("allow answer does not start with its decision id")
-        if len(_ALLOW_ANSWERS) >= _ALLOW_ANSWERS_MAX:
-            _ALLOW_ANSWERS.clear()
+        if len(_ALLOW_ANSWERS) >= _ALLOW_ANSWERS_MAX:  # the oldest goes, not all (GC: perf doc)
+            del _ALLOW_ANSWERS[next(iter(_ALLOW_ANSWERS))]
         parts = _ALLOW_ANSWERS[key] = (head, tail)
     return b"".join((parts[0], decision_id.encode("ascii"), parts[1]))
 
@@ -245,7 +246,12 @@ def _header_block(parts: list[str]) -> bytes:
     return block.encode("utf-8") + b"\r\n"
 
 
-_ALLOW_BLOCKS: dict[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], bytes] = {}
+# Full: the oldest block goes, one per new one, never a clear() of all (with more users than
+# blocks a clear freed thousands of objects at once, which the GC's young-generation count does
+# not see: docs/performance.md, "Many users and the GC").
+_ALLOW_BLOCKS: OrderedDict[tuple[tuple[tuple[str, str], ...], tuple[str, ...]], bytes] = (
+    OrderedDict()
+)
 _ALLOW_BLOCKS_MAX = 4096
 
 
@@ -260,7 +266,7 @@ def _allow_block(upstream: tuple[tuple[str, str], ...], remove: tuple[str, ...])
             parts.append(f"{_REMOVE}: {','.join(remove)}")
         block = _header_block(parts)
         if len(_ALLOW_BLOCKS) >= _ALLOW_BLOCKS_MAX:
-            _ALLOW_BLOCKS.clear()
+            _ALLOW_BLOCKS.popitem(last=False)
         _ALLOW_BLOCKS[key] = block
     return block
 

@@ -12,6 +12,14 @@ listen addresses, picks the process model (``authz.server.workers`` documents it
 SIGHUP (or a change of the watched config file) reloads; SIGTERM/SIGINT drain (NOT_SERVING,
 in-flight checks answered within ``shutdown_grace_seconds``) and exit.
 
+The cyclic garbage collector (``settle_heap``, docs/performance.md "Many users and the GC"):
+what start-up built (modules, protobuf descriptors, grpc, the compiled configuration: most of
+the heap) lives until exit and holds no garbage, yet every full collection would walk it again.
+After start-up and after each reload, ``settle_heap`` collects once and moves everything alive
+to the permanent generation (``gc.freeze()``), so full collections walk only what was allocated
+since: the claims cache and per-check garbage. Collection pauses are timed into
+``authz_gc_pause_seconds`` (``authz.observability.GcPauses``).
+
 Must not import: ``authz.cli`` or the dev tools; the servers and prometheus_client are imported
 inside the functions that run them (``worker_main`` must set up logging and the multiprocess
 directory before prometheus_client is imported).
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -171,13 +180,37 @@ def worker_main() -> int:
 # -------------------------------------------------------------------------- one process
 
 
+# gc.set_threshold: the young generations as CPython's default (700, 10: a young collection walks
+# at most a few thousand objects, well under a millisecond), the oldest one collected after 100
+# collections of the middle one instead of 10. A full collection walks the whole claims cache;
+# with every check a miss (more users than cache entries) the default ran one every ~6 000
+# checks, 15-35 ms each on the bench machine; 100 makes that ten times rarer. Cyclic garbage
+# waits longer in the oldest generation (the check path makes none: tests/unit/test_gc_shape.py).
+# Measured: docs/performance.md, "Many users and the GC".
+GC_THRESHOLDS = (700, 10, 100)
+
+
+def settle_heap() -> None:
+    """Collect, then freeze every surviving object into the permanent generation: start-up's
+    (and a reload's) long-lived objects stop costing each full collection a walk over them.
+
+    ``gc.unfreeze()`` first: the previous configuration's objects, frozen at the last settle,
+    are garbage after a reload; frozen, a reference cycle among them would never be collected.
+    Objects without cycles (every claims-cache entry) are freed by reference counting whether
+    frozen or not. One full collection per start or reload (tens of ms with a full cache)."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 async def run_process(settings: Settings, opts: ProcessOptions) -> int:
     """Build once, run until SIGTERM/SIGINT (SIGHUP reloads), drain. 0 after a clean stop;
     a worker that fails to start logs why and answers 1 (its supervisor restarts it)."""
     parent = os.getppid()  # a worker stops when this is no longer its parent
     import prometheus_client as prom  # noqa: PLC0415  (a worker: after PROMETHEUS_MULTIPROC_DIR)
 
-    from authz.observability import AuditLog, Metrics  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
+    from authz.observability import AuditLog, GcPauses, Metrics  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
     from authz.server.app import App  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
     from authz.service import Service  # noqa: PLC0415  (lazy: importing the lifecycle loads no server code)
 
@@ -197,9 +230,8 @@ async def run_process(settings: Settings, opts: ProcessOptions) -> int:
     audit = AuditLog(
         log_allows=settings.audit.log_allows, allow_sample_rate=settings.audit.allow_sample_rate
     )
-    service = Service(
-        settings, metrics=Metrics(registry), audit=audit, config_path=opts.config_path
-    )
+    metrics = Metrics(registry)
+    service = Service(settings, metrics=metrics, audit=audit, config_path=opts.config_path)
     app = App(
         service,
         metrics_body=metrics_body,
@@ -209,6 +241,7 @@ async def run_process(settings: Settings, opts: ProcessOptions) -> int:
         reuse_port=opts.reuse_port,
         grpc_extra_listens=opts.grpc_extra_listens,
         http_extra_listens=opts.http_extra_listens,
+        after_reload=settle_heap,
     )
     try:
         await app.start()
@@ -218,17 +251,30 @@ async def run_process(settings: Settings, opts: ProcessOptions) -> int:
         log.exception("worker %s failed to start", opts.worker)
         await app.stop()
         return 1
+    gc_pauses = GcPauses(metrics.gc_pause)
+    gc_pauses.install()
+    flusher = asyncio.create_task(_flush_every(gc_pauses.flush, 0.25))
+    settle_heap()
     app.install_signal_handlers()
     reporter = None
     if opts.ready_fd >= 0:
         reporter = asyncio.create_task(_report_to_supervisor(service, app, opts.ready_fd, parent))
     await app.wait()
     await app.stop()
+    flusher.cancel()
+    gc_pauses.uninstall()
     if reporter is not None:
         reporter.cancel()
         with contextlib.suppress(OSError):
             os.write(opts.ready_fd, b"0")
     return 0
+
+
+async def _flush_every(flush: Callable[[], None], seconds: float) -> None:
+    """GC pauses into their histogram, off the collector's callback (``GcPauses``)."""
+    while True:
+        await asyncio.sleep(seconds)
+        flush()
 
 
 async def _report_to_supervisor(service: Service, app: App, ready_fd: int, parent: int) -> None:

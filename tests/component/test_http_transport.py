@@ -245,6 +245,21 @@ def test_render_allow_answers_keep_each_caller_and_id_apart() -> None:
         assert f"x-authz-oid: {d.metadata['oid']}\r\n".encode() in out
 
 
+def test_render_allow_answers_are_bounded_and_drop_the_oldest() -> None:
+    cache = http_convert._ALLOW_ANSWERS
+    cache.clear()
+    limit = http_convert._ALLOW_ANSWERS_MAX
+    for i in range(limit + 5):
+        d = _with_id(ALLOW, "a" * 32, oid=f"user-{i}")
+        assert render_decision(d) == http_convert._render(d, False, False)
+    # full: one entry goes per new one (a clear() of all would free thousands at once)
+    assert len(cache) == limit
+    oids = {dict(key[-1]).get("oid") for key in cache}
+    assert "user-0" not in oids
+    assert f"user-{limit + 4}" in oids
+    cache.clear()
+
+
 def test_render_allow_with_a_plain_id_still_refuses_unsafe_headers() -> None:
     with pytest.raises(ValueError):
         render_decision(dataclasses.replace(_tagged("a\nb"), decision_id="plain1"))

@@ -50,7 +50,7 @@ from authz.identity.entra import TokenVerifier
 from authz.policy.model import Decision, RequestAttrs
 from authz.policy.ratelimit import Counters
 from authz.policy.revocation import RevocationRule, RevocationSet
-from authz.server import convert
+from authz.server import convert, http_convert
 from authz.server.http import HttpCheckServer
 from authz.server.servicer import AuthorizationServicer
 from tests.unit.conftest import ISSUERS, KID, MSA_KID, NOW, MemoryKeys, Minter, snapshot_for
@@ -424,3 +424,19 @@ async def test_both_transports_take_decision_ids_from_the_engines_source() -> No
         400,
         {"decision_id": "decision-400", "code": "invalid_request"},
     )
+
+
+def test_a_full_allow_block_cache_drops_its_oldest_block_not_all() -> None:
+    # One eviction per new header set, never a clear() of all (docs/performance.md, "Many users
+    # and the GC").
+    http_convert._ALLOW_BLOCKS.clear()
+    sets = [
+        ((("x-user-id", f"u-{i}"),), ("x-roles",))
+        for i in range(http_convert._ALLOW_BLOCKS_MAX + 1)
+    ]
+    first = [http_convert._allow_block(*s) for s in sets]
+    assert len(http_convert._ALLOW_BLOCKS) == http_convert._ALLOW_BLOCKS_MAX
+    assert http_convert._allow_block(*sets[1]) is first[1]  # still cached
+    again = http_convert._allow_block(*sets[0])  # the oldest went when the last came
+    assert again == first[0]
+    assert again is not first[0]

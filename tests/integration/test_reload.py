@@ -8,7 +8,7 @@ import io
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import certifi
@@ -84,7 +84,9 @@ class Harness:
         raise AssertionError(f"no {result} reload #{count}")
 
 
-async def start(path: Path, watch: float) -> Harness:
+async def start(
+    path: Path, watch: float, after_reload: Callable[[], None] | None = None
+) -> Harness:
     registry = prom.CollectorRegistry()
     service = Service(
         config_mod.load(path),
@@ -98,6 +100,7 @@ async def start(path: Path, watch: float) -> Harness:
         grpc_listen="127.0.0.1:0",
         admin_listen="",
         watch_interval_s=watch,
+        after_reload=after_reload,
     )
     await app.start()
     return Harness(app, registry)
@@ -137,6 +140,34 @@ async def test_sighup_forces_a_reload(tmp_path: Path, idp: DevIdP) -> None:
         os.kill(os.getpid(), signal.SIGHUP)
         await h.until("ok", 1)
         assert await h.check(token) == 7
+    finally:
+        await h.channel.close()
+        await h.app.stop()
+
+
+async def test_each_good_reload_and_only_a_good_one_calls_after_reload(
+    tmp_path: Path, idp: DevIdP
+) -> None:
+    # lifecycle passes settle_heap (gc.freeze the new configuration) as the hook.
+    path = tmp_path / "authz.yaml"
+    path.write_text(render(idp))
+    calls: list[int] = []
+    h = await start(path, watch=0.05, after_reload=lambda: calls.append(1))
+    try:
+        path.write_text(render(idp, scope="Orders.Other"))  # the watcher reloads it
+        await h.until("ok", 1)
+        assert calls == [1]
+        path.write_text("apis: [")  # rejected: the old config serves on, no hook
+        await h.until("invalid", 1)
+        assert calls == [1]
+        path.write_text(render(idp))
+        h.app.request_reload()  # SIGHUP's path
+        await h.until("ok", 2)
+        for _ in range(100):
+            if len(calls) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert len(calls) >= 2
     finally:
         await h.channel.close()
         await h.app.stop()

@@ -8,8 +8,8 @@ from authz.identity.cache import CachedIdentity, ClaimsCache
 from authz.policy.model import Principal, TokenKind
 
 
-def ident(provider: str = "contoso", kid: str = "k1", exp: int = 2000) -> CachedIdentity:
-    p = Principal(
+def ident(provider: str = "contoso", exp: int = 2000) -> Principal:
+    return Principal(
         tid="t",
         oid="o",
         sub="s",
@@ -21,7 +21,9 @@ def ident(provider: str = "contoso", kid: str = "k1", exp: int = 2000) -> Cached
         provider=provider,
         expires_at=exp,
     )
-    return CachedIdentity(p, kid)
+
+
+FP = ("n", "e")
 
 
 class Clock:
@@ -36,16 +38,17 @@ def test_hit_miss_and_stats() -> None:
     clock = Clock()
     cache = ClaimsCache(10, 300, clock)
     assert cache.get(b"a") is None
-    value = ident()
-    cache.put(b"a", value, 2000)
-    assert cache.get(b"a") is value
+    who = ident()
+    stored = cache.put(b"a", who, "k1", FP, 2000)
+    assert stored == CachedIdentity(who, "k1", FP, 1300.0)  # the deadline: now + max_ttl
+    assert cache.get(b"a") is stored
     assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)
 
 
 def test_lifetime_is_capped_by_max_ttl() -> None:
     clock = Clock()
     cache = ClaimsCache(10, 300, clock)
-    cache.put(b"a", ident(), 5000)
+    cache.put(b"a", ident(), "k1", FP, 5000)
     clock.now = 1299
     assert cache.get(b"a") is not None
     clock.now = 1300
@@ -56,23 +59,23 @@ def test_lifetime_is_capped_by_max_ttl() -> None:
 def test_lifetime_is_capped_by_token_expiry() -> None:
     clock = Clock()
     cache = ClaimsCache(10, 300, clock)
-    cache.put(b"a", ident(), 1100)
+    cache.put(b"a", ident(), "k1", FP, 1100)
     clock.now = 1100
     assert cache.get(b"a") is None
 
 
 def test_already_expired_is_not_stored() -> None:
     cache = ClaimsCache(10, 300, Clock())
-    cache.put(b"a", ident(), 999)
+    assert cache.put(b"a", ident(), "k1", FP, 999) is None
     assert len(cache) == 0
 
 
 def test_bounded_lru() -> None:
     cache = ClaimsCache(3, 300, Clock())
     for k in (b"a", b"b", b"c"):
-        cache.put(k, ident(), 2000)
+        cache.put(k, ident(), "k1", FP, 2000)
     assert cache.get(b"a") is not None  # a is now the most recently used
-    cache.put(b"d", ident(), 2000)
+    cache.put(b"d", ident(), "k1", FP, 2000)
     assert len(cache) == 3
     assert cache.get(b"b") is None  # the least recently used went
     assert cache.get(b"a") is not None
@@ -81,8 +84,8 @@ def test_bounded_lru() -> None:
 
 def test_clear() -> None:
     cache = ClaimsCache(10, 300, Clock())
-    cache.put(b"a", ident(kid="k1"), 2000)
-    cache.put(b"b", ident(kid="k2"), 2000)
+    cache.put(b"a", ident(), "k1", FP, 2000)
+    cache.put(b"b", ident(), "k2", FP, 2000)
     cache.clear()
     assert len(cache) == 0
     assert cache.get(b"a") is None

@@ -526,6 +526,17 @@ def test_rendered_headers_are_memoised_per_principal_object() -> None:
     assert ("x-user-id", "oid-2") in other.upstream_headers
 
 
+def test_a_full_memo_drops_its_oldest_rendering_not_all() -> None:
+    # One eviction per new principal (not a clear() of all): see HeaderPlan._memo.
+    plan = ResponsePlan(API, CONTRACT)
+    who = [principal(oid=f"oid-{i}") for i in range(_MEMO_MAX + 1)]
+    first = [plan.allow(decision_id="d", route=ROUTE, principal=p).upstream_headers for p in who]
+    assert plan.allow(decision_id="d", route=ROUTE, principal=who[1]).upstream_headers is first[1]
+    again = plan.allow(decision_id="d", route=ROUTE, principal=who[0]).upstream_headers
+    assert again is not first[0]  # the oldest went when the last came
+    assert again == first[0]
+
+
 def test_a_claim_header_may_replace_a_standard_header() -> None:
     spec = replace(API, claim_headers=(("X-User-Id", "upn"), ("x-roles", "nope")))
     who = principal(claims=MappingProxyType({"upn": "ann@example.com"}))

@@ -3,13 +3,15 @@ redaction of anything token-shaped in the service's own logs."""
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
 
+import prometheus_client as prom
 import pytest
 
-from authz.observability import AuditLog, JsonFormatter, RedactFilter, outcome
+from authz.observability import AuditLog, GcPauses, JsonFormatter, Metrics, RedactFilter, outcome
 from authz.policy.model import Decision, Principal, RequestAttrs, TokenKind
 
 P = Principal(
@@ -292,3 +294,37 @@ def test_cached_line_stretches_are_bounded() -> None:
         assert len(log._segments) <= _SEGMENTS_MAX
     log.flush()
     assert [line["oid"] for line in lines(buf)] == [str(i) for i in range(_SEGMENTS_MAX + 10)]
+    # full: the oldest stretches went one by one, not all at once (a bulk free skews the GC)
+    assert len(log._segments) == _SEGMENTS_MAX
+    assert {key[8] for key in log._segments} == {str(i) for i in range(10, _SEGMENTS_MAX + 10)}
+
+
+def test_gc_pauses_are_counted_per_generation() -> None:
+    registry = prom.CollectorRegistry()
+    pauses = GcPauses(Metrics(registry).gc_pause)
+
+    def count(generation: int) -> float:
+        value = registry.get_sample_value(
+            "authz_gc_pause_seconds_count", {"generation": str(generation)}
+        )
+        return value or 0.0
+
+    pauses.install()
+    pauses.install()  # once only
+    try:
+        assert gc.callbacks.count(pauses) == 1
+        before = [count(g) for g in range(3)]
+        gc.collect(0)
+        gc.collect(2)
+        assert count(2) == before[2]  # the callback itself takes no metric lock
+        pauses.flush()
+        assert count(0) >= before[0] + 1
+        assert count(2) >= before[2] + 1
+    finally:
+        pauses.uninstall()
+        pauses.uninstall()  # not installed: nothing to do
+    assert pauses not in gc.callbacks
+    after = count(2)
+    gc.collect(2)
+    pauses.flush()
+    assert count(2) == after  # uninstalled: no longer observed
