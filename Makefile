@@ -16,6 +16,11 @@ $(BIN)/python:
 # The tested set, pinned with hashes (requirements.lock, from `make lock`), then the package alone.
 $(STAMP): $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	@# xds-protos (test extra) ships its own, older copy of opentelemetry/proto/*; which copy wins
+	@# depends on pip's install order. Reinstall opentelemetry-proto (same pin and hashes) last so
+	@# the OTLP exporter finds the messages it imports (InstrumentationScope, ...).
+	awk '/^opentelemetry-proto==/{p=1;print;next} p&&/^ +--hash/{print;next} {p=0}' requirements.lock > $(VENV)/otel-proto.txt
+	$(BIN)/pip install -q --require-hashes --no-deps --force-reinstall -r $(VENV)/otel-proto.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
