@@ -168,27 +168,17 @@ class CheckTracer:
         start: int,
         d: Decision,
     ) -> None:
-        try:
-            span = self._tracer.start_span(
-                name,
-                context=self._parent(attrs),
-                kind=SpanKind.SERVER,
-                start_time=start,
-                attributes={
-                    **extra,
-                    "authz.api": d.api,
-                    "authz.route": d.route,
-                    "authz.decision": _decision_word(d),
-                    "authz.code": d.code,
-                    "authz.decision_id": d.decision_id,
-                    "http.response.status_code": d.status,
-                },
-            )
-            if d.code == "internal_error":
-                span.set_status(Status(StatusCode.ERROR, "internal_error"))
-            span.end()
-        except Exception:
-            self._once("record", "could not record a check span")
+        attributes: dict[str, AttributeValue] = {
+            **extra,
+            "authz.api": d.api,
+            "authz.route": d.route,
+            "authz.decision": _decision_word(d),
+            "authz.code": d.code,
+            "authz.decision_id": d.decision_id,
+            "http.response.status_code": d.status,
+        }
+        error = "internal_error" if d.code == "internal_error" else None
+        self._emit(name, attrs, start, attributes, error, "record", "could not record a check span")
 
     def _record_error(
         self,
@@ -198,19 +188,43 @@ class CheckTracer:
         start: int,
         exc: BaseException,
     ) -> None:
+        attributes = {**extra, "authz.decision": "deny", "authz.code": "internal_error"}
+        # The exception type only: a message could quote request data.
+        self._emit(
+            name,
+            attrs,
+            start,
+            attributes,
+            type(exc).__name__,
+            "error",
+            "could not record a failed check's span",
+        )
+
+    def _emit(
+        self,
+        name: str,
+        attrs: RequestAttrs,
+        start: int,
+        attributes: Mapping[str, AttributeValue],
+        error: str | None,
+        kind: str,
+        failure: str,
+    ) -> None:
+        """One ended SERVER span (``error``: its ERROR status description); a failure to record
+        is logged once per ``kind`` and never reaches the check."""
         try:
             span = self._tracer.start_span(
                 name,
                 context=self._parent(attrs),
                 kind=SpanKind.SERVER,
                 start_time=start,
-                attributes={**extra, "authz.decision": "deny", "authz.code": "internal_error"},
+                attributes=attributes,
             )
-            # The exception type only: a message could quote request data.
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, error))
             span.end()
         except Exception:
-            self._once("error", "could not record a failed check's span")
+            self._once(kind, failure)
 
     def _once(self, kind: str, message: str) -> None:
         if kind not in self._failed:
