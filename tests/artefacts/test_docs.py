@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import shlex
@@ -25,12 +24,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from authz.dev import stack as devstack
+from authz.dev.certs import DevCA
 from authz.dev.demo import authz_command
 from authz.envoyconf import defaults, render
 
@@ -155,35 +151,9 @@ def _tls_example() -> dict[str, object]:
     return doc
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "orders.example.com")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    crt, pem = directory / "tls.crt", directory / "tls.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return crt, pem
-
-
 def test_tls_example_is_a_working_ingress_config(tmp_path: Path) -> None:
     example = _tls_example()
-    crt, key = _self_signed(tmp_path)
+    crt, key = DevCA().issue("orders.example.com", server=True).write(tmp_path, "tls")
     socket = yaml.safe_dump(example).replace("/etc/envoy/tls/tls.crt", str(crt))
     socket = socket.replace("/etc/envoy/tls/tls.key", str(key))
     template = (ROOT / "envoy" / "ingress-http.yaml").read_text(encoding="utf-8")
