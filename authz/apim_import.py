@@ -150,7 +150,7 @@ def _issuer_from_openid(url: str, w: _Work) -> _Issuer | None:
     if _expr(url):
         w.refuse(f"openid-config url: a policy expression ({_short(url)}) cannot be translated")
         return None
-    m = _OPENID_RE.match(url.strip())
+    m = _OPENID_RE.fullmatch(url.strip())
     if not m:
         w.refuse(
             f"openid-config url {_short(url)!r} is not an Entra ID tenant's metadata URL "
@@ -193,7 +193,7 @@ def _apply_issuers(issuer: _Issuer, values: list[str], w: _Work) -> None:
     tenant."""
     versions: set[str] = set()
     for value in values:
-        m2, m1 = _V2_ISSUER_RE.match(value), _V1_ISSUER_RE.match(value)
+        m2, m1 = _V2_ISSUER_RE.fullmatch(value), _V1_ISSUER_RE.fullmatch(value)
         m = m2 or m1
         if m is None:
             w.refuse(f"issuers: {_short(value)!r} is not an Entra ID issuer")
@@ -206,7 +206,7 @@ def _apply_issuers(issuer: _Issuer, values: list[str], w: _Work) -> None:
         if issuer.tenant in MULTI_TENANT:
             if tenant in ("{tenantid}", "{tenant}"):
                 continue  # a template: every tenant, which is what an allowlist must prevent
-            if GUID_RE.match(tenant):
+            if GUID_RE.fullmatch(tenant):
                 issuer.allowed_tenants.add(tenant)
             else:
                 w.refuse(f"issuers: {value!r}: an allowed tenant must be a tenant id GUID")
@@ -387,7 +387,7 @@ def _validation(
             w.refuse("client-application-ids and a required azp/appid claim cannot be combined")
         clause["clients"] = clients
     for key in ("clients", "tenants", "groups_any"):
-        bad = [v for v in clause.get(key, []) if not GUID_RE.match(v)]
+        bad = [v for v in clause.get(key, []) if not GUID_RE.fullmatch(v)]
         if bad:
             w.refuse(f"{key}: expected GUIDs, got {bad}")
     if issuer is not None and issuer.tenant in MULTI_TENANT:
@@ -545,7 +545,7 @@ def translate(
     doc: dict[str, Any] = {}
     if len(validations) == 1:
         tenants = {t.lower() for t in allow_tenants}
-        bad = sorted(t for t in tenants if not GUID_RE.match(t))
+        bad = sorted(t for t in tenants if not GUID_RE.fullmatch(t))
         if bad:
             w.refuse(f"--allow-tenant: expected tenant id GUIDs, got {bad}")
         issuer, audiences, clause, skew = _validation(validations[0], w, tenants)

@@ -261,7 +261,7 @@ class _Model(BaseModel):
 def _listen(value: str) -> str:
     if value == "":
         return value
-    m = LISTEN_RE.match(value)
+    m = LISTEN_RE.fullmatch(value)
     if not m or not 0 <= int(m.group(2)) <= 65535:
         raise ValueError(f"expected host:port (e.g. 127.0.0.1:9001), got {value!r}")
     return value
@@ -361,7 +361,7 @@ class _Issuer(_Model):
     @classmethod
     def _tenant(cls, v: str) -> str:
         v = v.lower()
-        if v in MULTI_TENANT or v == CONSUMERS or GUID_RE.fullmatch(v) or DOMAIN_RE.match(v):
+        if v in MULTI_TENANT or v == CONSUMERS or GUID_RE.fullmatch(v) or DOMAIN_RE.fullmatch(v):
             return v
         raise ValueError(
             f"expected a tenant GUID, a domain, 'common', 'organizations' or 'consumers': {v!r}"
@@ -410,7 +410,7 @@ class _RateLimit(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError(f"expected a lower-case name like 'per-user', got {v!r}")
         return v
 
@@ -431,7 +431,7 @@ class _RateLimit(_Model):
     @classmethod
     def _period(cls, v: int | str) -> int:
         if isinstance(v, str):
-            m = PERIOD_RE.match(v)
+            m = PERIOD_RE.fullmatch(v)
             if not m:
                 raise ValueError(f"expected seconds or a duration like 30s, 1m, 1h, 1d: {v!r}")
             v = int(m.group(1)) * PERIOD_UNITS[m.group(2)]
@@ -456,7 +456,7 @@ class _Clause(_Model):
     @field_validator("auth_context")
     @classmethod
     def _acrs(cls, v: str) -> str:
-        if v and not ACRS_RE.match(v):
+        if v and not ACRS_RE.fullmatch(v):
             raise ValueError(f"expected an auth context id like 'c1', got {v!r}")
         return v
 
@@ -498,7 +498,7 @@ class _Route(_Model):
     @field_validator("methods")
     @classmethod
     def _methods(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if not METHOD_RE.match(m)]
+        bad = [m for m in v if not METHOD_RE.fullmatch(m)]
         if bad:
             raise ValueError(f"methods are upper-case tokens like GET, got {bad}")
         return v
@@ -996,7 +996,7 @@ def from_mapping(
                 continue
             if key != "workers":
                 server[key] = env[var]
-            elif ASCII_DIGITS_RE.match(env[var]):  # str.isdigit() is True for '²' and '٣'
+            elif ASCII_DIGITS_RE.fullmatch(env[var]):  # str.isdigit() is True for '²' and '٣'
                 server[key] = int(env[var])
             else:
                 problems.append(

@@ -1,12 +1,12 @@
 """The gRPC ``envoy.service.auth.v3.Authorization`` service: ``Check`` and its wiring helpers.
 
-``Check`` is three seams (OPA-Envoy's shape): ``request_to_attrs`` -> ``check`` ->
-``decision_to_response``; the server runs ``check_wire``, the same seams ending in
-``decision_to_bytes`` (the answer's wire bytes from per-header-set templates), registered as a
-generic handler without a response serializer (measured: docs/performance.md, "CPU per check II").
-Both never raise: anything unexpected becomes the explicit fail-closed 503 ``internal_error`` deny
-(Envoy would otherwise apply ``status_on_error``, or worse ``failure_mode_allow``). Cancellation
-(``asyncio.CancelledError``) is not an error and propagates.
+The server runs ``check_wire``, three seams (OPA-Envoy's shape): ``request_to_attrs`` ->
+``check`` -> ``decision_to_bytes`` (the answer's wire bytes from per-header-set templates; tests
+compare them with ``decision_to_response``), registered as a generic handler without a response
+serializer (measured: docs/performance.md, "CPU per check II"); ``Check`` is the same answer
+parsed into a message. Neither raises: anything unexpected becomes the explicit fail-closed 503
+``internal_error`` deny (Envoy would otherwise apply ``status_on_error``, or worse
+``failure_mode_allow``). Cancellation (``asyncio.CancelledError``) is not an error and propagates.
 
 App code uses ``AuthorizationServicer``, ``add_to_server``, ``SERVICE_NAME`` and
 ``enable_reflection`` from here and never imports generated ``*_pb2_grpc`` modules. Our messages
@@ -47,8 +47,7 @@ SERVICE: ServiceDescriptor = external_auth_pb2.DESCRIPTOR.services_by_name["Auth
 SERVICE_NAME: str = SERVICE.full_name  # "envoy.service.auth.v3.Authorization"
 
 # Last resort when even rendering the internal error fails: built once, 503 UNAVAILABLE.
-_FALLBACK: CheckResponse = decision_to_response(internal_error("", ""))
-_FALLBACK_BYTES: bytes = _FALLBACK.SerializeToString()
+_FALLBACK_BYTES: bytes = decision_to_response(internal_error("", "")).SerializeToString()
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -66,15 +65,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._new_id = new_id
 
     async def Check(self, request: CheckRequest, context: Any) -> CheckResponse:
-        try:
-            return decision_to_response(await self._check(request_to_attrs(request)))
-        except Exception as exc:  # fail closed: a bug or an outage must never allow, nor raise
-            self._report(exc)
-            try:
-                return decision_to_response(internal_error(self._new_id(), request_id_of(request)))
-            except Exception as again:
-                self._report(again)
-                return _FALLBACK
+        """The answer as a message: ``check_wire``'s bytes parsed (what a client receives). The
+        server itself runs ``check_wire``; this is the typed entry point for Python callers."""
+        return CheckResponse.FromString(await self.check_wire(request, context))
 
     async def check_wire(self, request: CheckRequest, context: Any) -> bytes:
         """``Check``, answered as the response's serialised bytes (what the server sends)."""

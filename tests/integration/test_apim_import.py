@@ -307,6 +307,14 @@ BOMB = (
             ),
             "clock-skew='900'",
         ),
+        (
+            MT.format(
+                tenant=CONTOSO,
+                inner=AUD + "<client-application-ids><application-id>"
+                f"{CONTOSO}-x</application-id></client-application-ids>",
+            ),
+            "clients: expected GUIDs",
+        ),
     ],
     ids=[
         "common",
@@ -325,6 +333,7 @@ BOMB = (
         "entity-bomb",
         "malformed",
         "clock-skew",
+        "client-id-not-a-guid",
     ],
 )
 def test_refused_with_exit_2(

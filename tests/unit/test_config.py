@@ -465,3 +465,38 @@ def test_multi_tenant_names_require_an_allowlist(tenant: str) -> None:
     ).issuers
     assert issuer.multi_tenant
     assert any("required for a multi-tenant issuer" in p for p in _problems(text))
+
+
+# A value that ends in a newline: `^...$` with re.match accepts "name\n" ($ matches before a final
+# newline), so every whole-value pattern is checked with fullmatch.
+@pytest.mark.parametrize(
+    ("mutation", "key"),
+    [
+        (
+            (
+                "    issuers: [contoso]\n",
+                "    issuers: [contoso]\n    rate_limits:\n"
+                '      [{name: "per-user\\n", key: oid, limit: 5, period: 1m}]\n',
+            ),
+            "apis[0].rate_limits[0].name",
+        ),
+        (
+            (
+                "    issuers: [contoso]\n",
+                "    issuers: [contoso]\n    rate_limits:\n"
+                '      [{name: per-user, key: oid, limit: 5, period: "1m\\n"}]\n',
+            ),
+            "apis[0].rate_limits[0].period",
+        ),
+        (("{name: r,", '{name: r, methods: ["GET\\n"],'), "apis[0].routes[0].methods"),
+        (
+            ("tenant: 11111111-1111-4111-8111-111111111111", 'tenant: "contoso.com\\n"'),
+            "issuers[0].tenant",
+        ),
+    ],
+    ids=["rate-limit-name", "rate-limit-period", "method", "tenant-domain"],
+)
+def test_a_trailing_newline_is_not_a_valid_value(mutation: tuple[str, str], key: str) -> None:
+    text = MINIMAL.replace(*mutation)
+    assert text != MINIMAL
+    assert any(p.startswith(key) for p in _problems(text)), _problems(text)
